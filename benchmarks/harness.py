@@ -1,0 +1,136 @@
+"""Shared benchmark harness: timing, device description, CSV rows, markdown tables.
+
+Every benchmark appends rows with the same columns to a CSV under ``benchmarks/results/``
+(or ``$OUT`` when set) so results from CPU and GPU runs sit side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+COLUMNS = [
+    "timestamp",
+    "commit",
+    "device",
+    "benchmark",
+    "model",
+    "dtype",
+    "n",
+    "shape",
+    "variant",
+    "metric",
+    "value",
+    "unit",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def results_dir() -> Path:
+    out = os.environ.get("OUT")
+    d = Path(out) if out else REPO / "benchmarks" / "results"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def git_commit() -> str:
+    try:
+        return (
+            subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, stderr=subprocess.DEVNULL
+            )
+            .decode()
+            .strip()
+        )
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}x{os.cpu_count()}"
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object], device: torch.device | str, *, warmup: int = 1, rep: int = 5
+) -> dict[str, float]:
+    """Median / p20 / p80 wall time of ``fn`` in milliseconds.
+
+    On CUDA this is ``triton.testing.do_bench`` when Triton is importable; elsewhere a
+    plain loop with ``perf_counter`` and a device sync around each call.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            p20, med, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+            return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+        except ImportError:
+            pass
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+
+
+def make_row(**kw) -> dict[str, object]:
+    row = {c: "" for c in COLUMNS}
+    row["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    row["commit"] = git_commit()
+    for k, v in kw.items():
+        if k not in row:
+            raise KeyError(f"unknown column {k!r}")
+        row[k] = v
+    return row
+
+
+def append_rows(name: str, rows: list[dict[str, object]]) -> Path:
+    """Append ``rows`` to ``<results>/<name>.csv`` (header written once)."""
+    path = results_dir() / f"{name}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    head = "| " + " | ".join(columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])

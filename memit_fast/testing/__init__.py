@@ -1,0 +1,1 @@
+"""Helpers for tests: tiny models and a synthetic knowledge world."""
