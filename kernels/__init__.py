@@ -23,3 +23,17 @@ def covariance_accumulate(
     C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None = None
 ) -> None:
     torch_covariance_accumulate(C, X, mask)
+
+
+def torch_lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
+    """``W += R U^T`` in place, the product accumulated in fp32 and rounded once into
+    ``W.dtype``. ``W (dh, dk)`` or ``(dk, dh)`` when ``transposed``; ``R (dh, n)``;
+    ``U (dk, n)``."""
+    dW = R.to(torch.float32) @ U.to(torch.float32).T
+    if transposed:
+        dW = dW.T
+    W.copy_((W.to(torch.float32) + dW).to(W.dtype))
+
+
+def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
+    torch_lowrank_update(W, R, U, transposed)

@@ -40,20 +40,14 @@ def memit_solve(C: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Tensor:
     return torch_memit_solve(C, K, lam)
 
 
-def torch_apply_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
+def apply_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
     """``W += R U^T`` in place, accumulated in fp32 and rounded once into ``W.dtype``.
 
     Args:
         W: ``(dh, dk)`` weight, or ``(dk, dh)`` when ``transposed`` (GPT-2's Conv1D).
         R: ``(dh, n)`` residuals; U: ``(dk, n)`` solved keys.
+    Dispatches to ``memit_fast.kernels.lowrank_update`` (Triton on CUDA, torch elsewhere).
     """
-    dW = R.to(device=W.device, dtype=torch.float64) @ U.to(device=W.device, dtype=torch.float64).T
-    dW = dW.to(torch.float32)
-    if transposed:
-        dW = dW.T
-    W.copy_((W.to(torch.float32) + dW).to(W.dtype))
+    from memit_fast import kernels
 
-
-def apply_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
-    """``W += R U^T`` (see :func:`torch_apply_update`)."""
-    torch_apply_update(W, R, U, transposed)
+    kernels.lowrank_update(W, R.to(W.device), U.to(W.device), transposed)
