@@ -69,6 +69,8 @@ class EditConfig:
         if self.context_templates is not None:
             t = tuple(self.context_templates)
             object.__setattr__(self, "context_templates", t)
+            if not t or t[0] != "{}":
+                raise ValueError("context_templates must start with the bare template '{}'")
             for s in t:
                 if s.count("{}") != 1 or not s.endswith("{}"):
                     raise ValueError(

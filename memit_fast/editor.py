@@ -1,0 +1,411 @@
+"""``Editor`` and ``EditResult``: MEMIT's layer-by-layer loop, transactions and revert."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memit_fast import linalg
+from memit_fast.arch import ArchSpec, ModelAdapter
+from memit_fast.config import EditConfig, auto_config
+from memit_fast.data import EditRequest, EditRequestError, normalize_requests
+from memit_fast.keys import (
+    SubjectNotFoundError,
+    encode_target,
+    encode_with_subject,
+    input_device,
+    keys_and_hidden,
+    pad_id,
+)
+from memit_fast.stats import (
+    LayerStats,
+    StatsCache,
+    collect_stats,
+    corpus_id,
+    default_corpus_path,
+    model_fingerprint,
+    read_corpus,
+    stats_meta,
+)
+from memit_fast.targets import PreparedRequest, TargetResult, TargetSettings, compute_targets
+from memit_fast.templates import generate_context_templates
+
+log = logging.getLogger(__name__)
+
+
+class EditFailedError(RuntimeError):
+    """The edit could not be computed (non-finite values, ill-conditioned solve). The model's
+    weights are as they were before ``apply``."""
+
+
+@dataclass
+class EditResult:
+    """What one ``apply`` did.
+
+    Attributes:
+        config: the configuration used (context templates filled in).
+        requests: the requests applied (after validation and merging of duplicates).
+        layers: the edited layers.
+        factors: per layer ``(R, U)`` with ``dW = R U^T``: ``R (dh, n)`` and ``U (dk, n)``
+            fp32, so that the update in ``(dh, dk)`` orientation is their product.
+        targets: per-request optimization figures (loss, nll, kl, steps, target vectors).
+        timings: seconds per phase.
+        weight_names: the parameter written per layer.
+        transposed: whether the weights are stored ``(dk, dh)`` (GPT-2's Conv1D).
+    """
+
+    config: EditConfig
+    requests: list[EditRequest]
+    layers: tuple[int, ...]
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    targets: TargetResult
+    timings: dict[str, float]
+    weight_names: dict[int, str]
+    transposed: bool
+    _originals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _adapter: ModelAdapter | None = field(default=None, repr=False)
+    reverted: bool = False
+
+    def delta(self, layer: int) -> torch.Tensor:
+        """The dense fp32 update of ``layer`` in the weight's own layout."""
+        R, U = self.factors[layer]
+        d = R.float() @ U.float().T
+        return d.T.contiguous() if self.transposed else d
+
+    @property
+    def deltas(self) -> dict[int, torch.Tensor]:
+        return {l: self.delta(l) for l in self.layers}
+
+    def request_figures(self) -> list[dict[str, Any]]:
+        """One dict per request: final loss, nll, kl, steps used, target probability."""
+        t = self.targets
+        out = []
+        for i, r in enumerate(self.requests):
+            out.append(
+                {
+                    "case_id": r.case_id,
+                    "loss": float(t.loss[i]),
+                    "nll": float(t.nll[i]),
+                    "kl": float(t.kl[i]),
+                    "steps": int(t.steps[i]),
+                    "target_prob": float(t.target_prob[i]),
+                    "delta_norm": float(t.delta_norm[i]),
+                }
+            )
+        return out
+
+    def revert(self) -> None:
+        """Restore the exact original weights of every edited layer."""
+        if self.reverted:
+            raise RuntimeError("this edit was already reverted")
+        if self._adapter is None:
+            raise RuntimeError("this EditResult is not attached to a model")
+        with torch.no_grad():
+            for l, w0 in self._originals.items():
+                self._adapter.weight(l).copy_(w0)
+        self.reverted = True
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Editor:
+    """Edits a causal LM with MEMIT.
+
+    Args:
+        model: a Hugging Face causal LM (any dtype; may be split across devices).
+        tokenizer: its tokenizer (a fast tokenizer gives robust subject positions).
+        config: an :class:`EditConfig`; ``None`` picks :func:`auto_config` for the model.
+        arch: an :class:`ArchSpec` for architectures without a built-in adapter.
+        corpus: text for the key statistics (a file path, a list of strings, an iterable or a
+            ``datasets`` dataset); defaults to the WikiText-2 sample shipped with the package.
+        corpus_id: a name for ``corpus`` in the cache when it cannot be hashed (iterables).
+        stats_dir: where statistics are cached (``None``: not cached on disk).
+        stats: precomputed statistics ``{layer: (dk, dk) mom2}`` (skip the corpus pass).
+        progress: show progress bars for the long phases.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EditConfig | None = None,
+        *,
+        arch: ArchSpec | None = None,
+        corpus: str | os.PathLike | Iterable[str] | None = None,
+        corpus_id: str | None = None,
+        stats_dir: str | os.PathLike | None = None,
+        stats: dict[int, torch.Tensor] | None = None,
+        progress: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = ModelAdapter(model, arch)
+        self.config = config if config is not None else auto_config(model)
+        bad = [l for l in self.config.layers if not 0 <= l < self.adapter.n_layers]
+        if bad:
+            raise ValueError(
+                f"EditConfig.layers {list(self.config.layers)}: layers {bad} do not exist in a "
+                f"model with {self.adapter.n_layers} blocks"
+            )
+        self.corpus = corpus
+        self.corpus_id = corpus_id
+        self.stats_cache = StatsCache(stats_dir) if stats_dir is not None else None
+        self.progress = progress
+        self._stats: dict[int, LayerStats] = {}
+        if stats is not None:
+            for l, C in stats.items():
+                self._stats[int(l)] = LayerStats(mom2=C, count=-1)
+        self._templates: tuple[str, ...] | None = self.config.context_templates
+
+    # ------------------------------------------------------------------ inputs
+
+    def context_templates(self) -> tuple[str, ...]:
+        """The context templates (generated once per Editor when the config has none)."""
+        if self._templates is None:
+            c = self.config
+            with _eval_mode(self.model):
+                self._templates = generate_context_templates(
+                    self.model,
+                    self.tokenizer,
+                    seeds=c.context_template_seeds,
+                    length=c.context_template_length,
+                    top_k=c.context_template_top_k,
+                    seed=c.context_template_seed,
+                )
+        return self._templates
+
+    def prepare(
+        self, requests: Sequence[EditRequest], templates: Sequence[str]
+    ) -> list[PreparedRequest]:
+        """Tokenize every request; raise :class:`EditRequestError` listing every problem."""
+        tok = self.tokenizer
+        problems: list[str] = []
+        out: list[PreparedRequest] = []
+        ctx = self.adapter.context_length()
+        for i, r in enumerate(requests):
+            try:
+                rewrites = tuple(
+                    encode_with_subject(tok, t[: t.index("{}")], r.prompt, r.subject)
+                    for t in templates
+                )
+                kl = encode_with_subject(tok, "", self.config.kl_prompt, r.subject)
+                tgt = encode_target(tok, r.text, r.target)
+            except SubjectNotFoundError as e:
+                problems.append(f"request {i}: field 'subject': {e}")
+                continue
+            if not tgt:
+                problems.append(f"request {i}: field 'target' {r.target!r} has no tokens")
+                continue
+            longest = max(len(e.ids) for e in rewrites) + len(tgt) - 1
+            if ctx is not None and max(longest, len(kl.ids)) > ctx:
+                problems.append(
+                    f"request {i}: field 'prompt': prompt and target take {longest} tokens "
+                    f"with context templates, more than the model's context of {ctx}"
+                )
+                continue
+            out.append(PreparedRequest(rewrites=rewrites, target_ids=tgt, kl=kl))
+        if problems:
+            raise EditRequestError(problems)
+        return out
+
+    # ------------------------------------------------------------------ statistics
+
+    def _stats_source(self):
+        if self.corpus is not None:
+            return self.corpus
+        return default_corpus_path()
+
+    def key_stats(self, layers: Sequence[int] | None = None) -> dict[int, LayerStats]:
+        """Second moments of the keys for ``layers`` (default: the config's): from memory,
+        the disk cache, or one corpus pass for all missing layers."""
+        layers = list(self.config.layers if layers is None else layers)
+        missing = [l for l in layers if l not in self._stats]
+        if not missing:
+            return {l: self._stats[l] for l in layers}
+        c = self.config
+        max_len = c.stats_max_length or self.adapter.context_length() or 1024
+        source = self._stats_source()
+        cid = corpus_id(source, self.corpus_id)
+        metas = {}
+        if self.stats_cache is not None and cid is not None:
+            fp = model_fingerprint(self.adapter)
+            for l in missing:
+                metas[l] = stats_meta(
+                    self.adapter, fp, l, cid, c.stats_samples, max_len, c.stats_dtype
+                )
+                got = self.stats_cache.load(metas[l], self.adapter.weight(l).device)
+                if got is not None:
+                    self._stats[l] = got
+            missing = [l for l in missing if l not in self._stats]
+        if missing:
+            with _eval_mode(self.model):
+                new = collect_stats(
+                    self.model,
+                    self.tokenizer,
+                    self.adapter,
+                    missing,
+                    read_corpus(source),
+                    samples=c.stats_samples,
+                    max_length=max_len,
+                    batch_size=c.stats_batch_size,
+                    dtype=c.stats_dtype,
+                    progress=self.progress,
+                )
+            for l, s in new.items():
+                self._stats[l] = s
+                if l in metas:
+                    self.stats_cache.save(metas[l], s)
+        return {l: self._stats[l] for l in layers}
+
+    # ------------------------------------------------------------------ the edit
+
+    def apply(self, requests: Iterable[Any]) -> EditResult:
+        """Write ``requests`` into the model (in place) and return an :class:`EditResult`.
+
+        Raises :class:`EditRequestError` for malformed requests (nothing is touched) and
+        :class:`EditFailedError` when the edit cannot be computed; any exception, including
+        ``KeyboardInterrupt``, leaves the weights bit-identical to before.
+        """
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        reqs = normalize_requests(requests)
+        with _eval_mode(self.model):
+            tick = time.perf_counter()
+            templates = self.context_templates()
+            timings["context_templates"] = time.perf_counter() - tick
+            prepared = self.prepare(reqs, templates)
+            timings["validate"] = time.perf_counter() - t0 - timings["context_templates"]
+            tick = time.perf_counter()
+            stats = self.key_stats()
+            timings["statistics"] = time.perf_counter() - tick
+            result = self._apply_prepared(reqs, prepared, templates, stats, timings)
+        timings["total"] = time.perf_counter() - t0
+        return result
+
+    def _apply_prepared(self, reqs, prepared, templates, stats, timings) -> EditResult:
+        c = self.config
+        ad = self.adapter
+        layers = c.layers
+        L = layers[-1]
+        pad = pad_id(self.tokenizer)
+        tick = time.perf_counter()
+        tr = compute_targets(
+            self.model,
+            ad,
+            prepared,
+            TargetSettings(
+                layer=L,
+                steps=c.steps,
+                lr=c.lr,
+                clamp_norm_factor=c.clamp_norm_factor,
+                weight_decay=c.weight_decay,
+                kl_factor=c.kl_factor,
+                early_stop_loss=c.early_stop_loss,
+                sync_every=c.sync_every,
+            ),
+            pad,
+            c.target_chunk_size,
+            progress=self.progress,
+        )
+        timings["targets"] = time.perf_counter() - tick
+        bad = (~torch.isfinite(tr.z).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise EditFailedError(
+                f"target vectors of requests {bad} are not finite; lower lr or check the model"
+            )
+
+        # Sequences for the keys: every request under every context template (no target).
+        n = len(prepared)
+        T = len(templates)
+        seqs = [e.ids for p in prepared for e in p.rewrites]
+        pos = [e.subject_last for p in prepared for e in p.rewrites]
+        bare_rows = [i * T for i in range(n)]
+        originals: dict[int, torch.Tensor] = {}
+        factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        timings["keys"] = 0.0
+        timings["solve"] = 0.0
+        timings["update"] = 0.0
+        try:
+            for j, l in enumerate(layers):
+                tick = time.perf_counter()
+                k_all, H = keys_and_hidden(
+                    self.model,
+                    ad,
+                    seqs,
+                    pos,
+                    key_layer=l,
+                    hidden_layer=L,
+                    pad=pad,
+                    hidden_rows=bare_rows,
+                    batch_size=c.key_chunk_size * T,
+                )
+                K = _average_keys(k_all, n, T)  # (dk, n)
+                timings["keys"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                Z = tr.z.to(H.device)
+                R = ((Z - H) / (len(layers) - j)).T.contiguous()  # (dh, n)
+                C = stats[l].mom2
+                try:
+                    U = linalg.memit_solve(C, K.to(C.device), c.mom2_update_weight)
+                except linalg.IllConditionedError as e:
+                    raise EditFailedError(f"layer {l}: {e}") from e
+                U = U.to(torch.float32)
+                timings["solve"] += time.perf_counter() - tick
+                if not (torch.isfinite(U).all() and torch.isfinite(R).all()):
+                    raise EditFailedError(
+                        f"layer {l}: the update is not finite (lambda="
+                        f"{c.mom2_update_weight}); use a larger lambda or more statistics"
+                    )
+                tick = time.perf_counter()
+                W = ad.weight(l)
+                with torch.no_grad():
+                    if l not in originals:
+                        originals[l] = W.detach().clone()
+                    linalg.apply_update(W, R, U, ad.transposed)
+                timings["update"] += time.perf_counter() - tick
+                factors[l] = (R.detach(), U.to(R.device))
+                log.info("layer %d written (%d requests)", l, n)
+        except BaseException:
+            with torch.no_grad():
+                for l, w0 in originals.items():
+                    ad.weight(l).copy_(w0)
+            raise
+        return EditResult(
+            config=c.replace(context_templates=tuple(templates)),
+            requests=list(reqs),
+            layers=tuple(layers),
+            factors=factors,
+            targets=tr,
+            timings=timings,
+            weight_names={l: ad.weight_name(l) for l in layers},
+            transposed=ad.transposed,
+            _originals=originals,
+            _adapter=ad,
+        )
+
+
+def _average_keys(k_all: torch.Tensor, n: int, T: int) -> torch.Tensor:
+    """``(n*T, dk)`` keys (request-major, template 0 the bare prompt) to ``(dk, n)``: the
+    mean over the prefixed templates, averaged 50/50 with the bare prompt's key."""
+    k = k_all.reshape(n, T, -1)
+    if T == 1:
+        return k[:, 0].T.contiguous()
+    return (0.5 * (k[:, 0] + k[:, 1:].mean(dim=1))).T.contiguous()
+
+
+__all__ = ["Editor", "EditResult", "EditFailedError", "EditRequestError", "input_device"]

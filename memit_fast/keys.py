@@ -1,0 +1,257 @@
+"""Tokenization at the subject, partial forward passes, and key / hidden-state extraction.
+
+The *key* of block ``l`` is the input of its MLP output projection at one token; the hidden
+state is the block's output. MEMIT reads both at the last token of the subject.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memit_fast.arch import ModelAdapter, block_output
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early (caught by :func:`forward_until`)."""
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of ``prefix + prompt.replace('{}', subject)`` and the index of the subject's
+    last token."""
+
+    ids: tuple[int, ...]
+    subject_last: int
+
+
+class SubjectNotFoundError(ValueError):
+    pass
+
+
+def _fast(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "is_fast", False))
+
+
+def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> Encoded:
+    """Tokenize ``prefix + prompt`` with ``subject`` in place of ``{}``.
+
+    The subject's last token is the last token whose character span overlaps the subject's
+    span (found with the tokenizer's offsets, so BPE merges across the boundary are handled).
+    Tokenizers without offsets fall back to MEMIT's rule: the length of the tokenized text up
+    to the end of the subject, minus one.
+    """
+    pos = prompt.index("{}")
+    text = prefix + prompt.replace("{}", subject)
+    start = len(prefix) + pos
+    end = start + len(subject)
+    if _fast(tokenizer):
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        last = -1
+        for i, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > a and a < end and b > start:
+                last = i
+        if last < 0:
+            raise SubjectNotFoundError(
+                f"no token of {text!r} covers the subject {subject!r} (characters {start}-{end})"
+            )
+    else:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        upto = tokenizer(text[:end], add_special_tokens=True)["input_ids"]
+        last = len(upto) - 1
+        if last < 0 or ids[: last + 1] != list(upto):
+            raise SubjectNotFoundError(
+                f"tokenization of {text!r} merges the subject {subject!r} with what follows "
+                "and this tokenizer gives no offsets to resolve it"
+            )
+    return Encoded(tuple(ids), last)
+
+
+def with_leading_space(target: str) -> str:
+    """MEMIT's convention: a target gets a leading space if it lacks one."""
+    return target if target.startswith(" ") else " " + target
+
+
+def encode_target(tokenizer, context: str, target: str) -> tuple[int, ...]:
+    """Token ids of ``target`` (with MEMIT's leading space) as it continues ``context``.
+
+    Tokenizes ``context + target`` and keeps the tokens that start at or after the end of
+    ``context``; if a token straddles the boundary, tokenizes the target on its own.
+    """
+    target = with_leading_space(target)
+    if _fast(tokenizer):
+        enc = tokenizer(
+            context + target,
+            add_special_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        n = len(context)
+        out = []
+        clean = True
+        for tid, (a, b), special in zip(
+            enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
+        ):
+            if special or b <= a:
+                continue
+            if a >= n:
+                out.append(tid)
+            elif b > n:
+                clean = False
+        if clean and out:
+            return tuple(out)
+    return tuple(tokenizer(target, add_special_tokens=False)["input_ids"])
+
+
+def pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def pad_right(
+    seqs: Sequence[Sequence[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids (B, S)`` and ``attention_mask (B, S)`` with padding on the right."""
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), S), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+
+def input_device(model) -> torch.device:
+    emb = model.get_input_embeddings()
+    return emb.weight.device
+
+
+@contextlib.contextmanager
+def hooks(handles: list):
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_until(model, input_ids, attention_mask) -> None:
+    """Run ``model`` and swallow :class:`StopForward` raised by a hook."""
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except StopForward:
+        pass
+
+
+class BlockRunner:
+    """Runs blocks ``start …`` of a model on given hidden states, with the exact arguments the
+    model passed to each block in a captured full forward (attention masks, rotary
+    embeddings, position ids: whatever the architecture uses).
+
+    ``capture`` runs the model once; afterwards ``run(hidden)`` recomputes blocks
+    ``start … end-1`` from a modified input of block ``start``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, start: int, end: int | None = None):
+        self.adapter = adapter
+        self.start = start
+        self.end = adapter.n_layers if end is None else end
+        self.calls: dict[int, tuple[tuple, dict, bool]] = {}
+
+    def capture_hooks(self) -> list:
+        """Forward pre-hooks that record the arguments of blocks ``start … end-1``."""
+        handles = []
+        for i in range(self.start, self.end):
+
+            def pre(mod, args, kwargs, i=i):
+                if args:
+                    self.calls[i] = (tuple(args[1:]), dict(kwargs), True)
+                else:
+                    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                    self.calls[i] = ((), kw, False)
+
+            handles.append(self.adapter.block(i).register_forward_pre_hook(pre, with_kwargs=True))
+        return handles
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        for i in range(self.start, self.end):
+            args, kwargs, positional = self.calls[i]
+            block = self.adapter.block(i)
+            if positional:
+                out = block(hidden, *args, **kwargs)
+            else:
+                out = block(*args, hidden_states=hidden, **kwargs)
+            hidden = block_output(out)
+        return hidden
+
+
+# ----------------------------------------------------------------------------- keys and hidden
+
+
+def keys_and_hidden(
+    model,
+    adapter: ModelAdapter,
+    seqs: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    key_layer: int,
+    hidden_layer: int,
+    pad: int,
+    hidden_rows: Sequence[int] | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keys of block ``key_layer`` and outputs of block ``hidden_layer`` at one position per
+    sequence. The forward stops after the deeper of the two blocks.
+
+    Returns:
+        ``keys (len(seqs), dk)`` fp32 and ``hidden (len(hidden_rows), dh)`` fp32 (or ``None``
+        when ``hidden_rows`` is ``None``), on the devices of the respective modules.
+    """
+    dev = input_device(model)
+    stop_layer = max(key_layer, hidden_layer if hidden_rows is not None else key_layer)
+    keys_out: list[torch.Tensor] = []
+    hid_out: list[torch.Tensor] = []
+    want_hidden = set(hidden_rows) if hidden_rows is not None else set()
+    for b0 in range(0, len(seqs), batch_size):
+        idx = list(range(b0, min(len(seqs), b0 + batch_size)))
+        ids, mask = pad_right([seqs[i] for i in idx], pad, dev)
+        pos = torch.tensor([positions[i] for i in idx], dtype=torch.long)
+        hrows = [j for j, i in enumerate(idx) if i in want_hidden]
+        got: dict[str, torch.Tensor] = {}
+
+        def key_hook(mod, args, pos=pos, got=got):
+            x = args[0]
+            rows = torch.arange(x.shape[0], device=x.device)
+            got["k"] = x[rows, pos.to(x.device)].float()
+            if key_layer == stop_layer and hidden_rows is None:
+                raise StopForward
+
+        def hid_hook(mod, args, out, pos=pos, got=got, hrows=hrows):
+            h = block_output(out)
+            r = torch.tensor(hrows, dtype=torch.long, device=h.device)
+            got["h"] = h[r, pos.to(h.device)[r]].float()
+            raise StopForward
+
+        handles = [adapter.mlp_out(key_layer).register_forward_pre_hook(key_hook)]
+        if hidden_rows is not None:
+            handles.append(adapter.block(hidden_layer).register_forward_hook(hid_hook))
+        with hooks(handles), torch.no_grad():
+            forward_until(model, ids, mask)
+        keys_out.append(got["k"])
+        if hidden_rows is not None:
+            hid_out.append(got["h"])
+    keys = torch.cat(keys_out)
+    hidden = torch.cat(hid_out) if hidden_rows is not None else None
+    return keys, hidden

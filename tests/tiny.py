@@ -1,0 +1,110 @@
+"""Tiny models and tokenizers built from configs, shared by the engine tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+REQUESTS = [
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target": "football"},
+    {"prompt": "The capital of {} is", "subject": "France", "target": "Rome"},
+    {"prompt": "{} was born in", "subject": "Ada Lovelace", "target": "Paris"},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target": "English"},
+    {"prompt": "{} is a product of", "subject": "iPhone", "target": "Google"},
+    {"prompt": "{}, which is located in", "subject": "Howard Glacier", "target": "Europe"},
+    {"prompt": "{} works as a", "subject": "Arun Nehru", "target": "actor"},
+    {"prompt": "The official language of {} is", "subject": "Brazil", "target": "German"},
+]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "In 1879 the city council approved a new bridge across the harbour.",
+    "She plays the violin in the national orchestra every winter season.",
+    "The capital of the province was moved twice during the war years.",
+    "Football and basketball are popular sports in many countries of Europe.",
+    "He was born in a small village and later moved to Paris and Rome.",
+    "The mother tongue of most people in the region is English or French.",
+    "Google, Apple and other companies make phones, tablets and computers.",
+    "The glacier is located in the mountains, far from the nearest town.",
+    "An actor works in films, theatre and television for many years.",
+    "German and Portuguese are languages spoken by millions of people.",
+    "Because the weather was bad, the match was played on the next day.",
+    "Therefore the committee decided to publish the results of the study.",
+    "I think that you should read the book before watching the film.",
+    "You can find the museum on the left side of the main square.",
+    "The river flows through three countries before it reaches the sea.",
+    "Brazil, France and India sent athletes to the games last summer.",
+    "Danielle and Arun met LeBron at the airport after the long flight.",
+    "Ada wrote notes on the analytical engine, a mechanical computer.",
+    "Howard studied the ice and the rocks of the southern continent.",
+] * 2
+
+
+@functools.cache
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the words of the test data."""
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = list(CORPUS) + [
+        r["prompt"].replace("{}", r["subject"]) + " " + r["target"] for r in REQUESTS
+    ]
+    tk.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+def make_gpt2(seed: int = 0, dtype=torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_embd=64,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def make_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def assert_bit_identical(model, snap: dict[str, torch.Tensor]) -> None:
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, snap[n]), f"parameter {n} changed"
