@@ -155,10 +155,10 @@ def ref_key_and_hidden(model, tok, req, templates, key_layer, z_layer):
         ids, last = encode(tok, t[: t.index("{}")], req["prompt"], req["subject"])
         got = {}
         h1 = proj(blocks[key_layer]).register_forward_pre_hook(
-            lambda m, a: got.__setitem__("k", a[0][0, last].double())
+            lambda m, a, got=got, last=last: got.__setitem__("k", a[0][0, last].double())
         )
         h2 = blocks[z_layer].register_forward_hook(
-            lambda m, a, o: got.__setitem__("h", _out(o)[0, last].double())
+            lambda m, a, o, got=got, last=last: got.__setitem__("h", _out(o)[0, last].double())
         )
         try:
             with torch.no_grad():
