@@ -1,0 +1,149 @@
+"""Key statistics: one pass for all layers equals per-layer passes; the forward stops after
+the deepest edited block; the cache round-trips and refuses what does not match."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny import CORPUS, make_gpt2, make_llama, make_tokenizer
+
+from memit_fast import EditConfig
+from memit_fast.arch import ModelAdapter
+from memit_fast.editor import Editor
+from memit_fast.stats import (
+    StatsCache,
+    StatsCacheError,
+    collect_stats,
+    corpus_id,
+    model_fingerprint,
+    stats_meta,
+)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("make", [make_gpt2, make_llama], ids=["gpt2", "llama"])
+def test_one_pass_equals_per_layer_passes(make):
+    model, tok = make(), make_tokenizer()
+    ad = ModelAdapter(model)
+    kw = dict(samples=30, max_length=20, batch_size=4)
+    together = collect_stats(model, tok, ad, [0, 2, 3], CORPUS, **kw)
+    for l in (0, 2, 3):
+        alone = collect_stats(model, tok, ad, [l], CORPUS, **kw)[l]
+        assert rel(together[l].mom2, alone.mom2) <= 1e-5
+        assert together[l].count == alone.count
+    # Every non-padding token of the first 30 texts is counted.
+    n_tok = sum(len(tok(t)["input_ids"][:20]) for t in CORPUS[:30])
+    assert together[0].count == n_tok
+
+
+def test_forward_stops_after_deepest_layer():
+    model, tok = make_gpt2(), make_tokenizer()
+    ad = ModelAdapter(model)
+    calls = [0] * ad.n_layers
+    hs = [
+        ad.block(i).register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i in range(ad.n_layers)
+    ]
+    try:
+        collect_stats(model, tok, ad, [0, 1], CORPUS, samples=8, max_length=16, batch_size=4)
+    finally:
+        for h in hs:
+            h.remove()
+    assert calls[0] == calls[1] == 2  # 8 texts in batches of 4
+    assert calls[2] == calls[3] == 0
+
+
+def _editor(model, tok, tmp_path, layers=(1, 2), **kw):
+    cfg = EditConfig(layers=layers, stats_samples=20, stats_max_length=16, **kw)
+    return Editor(model, tok, cfg, corpus=list(CORPUS), stats_dir=tmp_path)
+
+
+def test_cache_round_trip_and_reuse(tmp_path, monkeypatch):
+    model, tok = make_gpt2(), make_tokenizer()
+    s1 = _editor(model, tok, tmp_path).key_stats()
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)
+    # A second editor loads from disk without running the model.
+    import memit_fast.editor as ed_mod
+
+    def boom(*a, **k):
+        raise AssertionError("statistics recomputed although cached")
+
+    monkeypatch.setattr(ed_mod, "collect_stats", boom)
+    s2 = _editor(model, tok, tmp_path).key_stats()
+    for l in (1, 2):
+        assert torch.equal(s1[l].mom2, s2[l].mom2)
+        assert s1[l].count == s2[l].count
+
+
+def _only_file(tmp_path, layer):
+    (f,) = [p for p in os.listdir(tmp_path) if p.startswith(f"mom2_layer{layer}_")]
+    return os.path.join(tmp_path, f)
+
+
+def _rewrite_meta(path, **changes):
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        t = f.get_tensor("mom2")
+    info = json.loads(meta["memit_fast"])
+    info.update(changes)
+    save_file({"mom2": t}, path, metadata={"memit_fast": json.dumps(info)})
+
+
+def _corruptions():
+    def truncate(p):
+        data = open(p, "rb").read()
+        open(p, "wb").write(data[: len(data) // 2])
+
+    def bitflip(p):
+        data = bytearray(open(p, "rb").read())
+        data[-5] ^= 0x10
+        open(p, "wb").write(bytes(data))
+
+    return {
+        "truncated": truncate,
+        "bit-flipped": bitflip,
+        "wrong-model": lambda p: _rewrite_meta(p, model="sha256:" + "0" * 64),
+        "wrong-layer": lambda p: _rewrite_meta(p, layer=3),
+        "wrong-dtype": lambda p: _rewrite_meta(p, model_dtype="bfloat16"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_corruptions()))
+def test_corrupt_cache_is_recomputed_or_refused(tmp_path, case):
+    model, tok = make_gpt2(), make_tokenizer()
+    good = _editor(model, tok, tmp_path, layers=(1,)).key_stats()[1].mom2.clone()
+    path = _only_file(tmp_path, 1)
+    _corruptions()[case](path)
+    # Refused with a clear error when asked to be strict ...
+    ad = ModelAdapter(model)
+    meta = stats_meta(ad, model_fingerprint(ad), 1, corpus_id(list(CORPUS)), 20, 16, "float32")
+    strict = StatsCache(tmp_path, on_mismatch="error")
+    assert str(strict.path(meta)) == path
+    with pytest.raises(StatsCacheError):
+        strict.load(meta, torch.device("cpu"))
+    # ... and recomputed (never used) by default; the recomputed file verifies again.
+    again = _editor(model, tok, tmp_path, layers=(1,)).key_stats()[1].mom2
+    assert torch.equal(again, good)
+    assert strict.load(meta, torch.device("cpu")) is not None
+
+
+def test_cache_distinguishes_models_and_layers(tmp_path):
+    tok = make_tokenizer()
+    a, b = make_gpt2(seed=0), make_gpt2(seed=1)
+    sa = _editor(a, tok, tmp_path, layers=(1,)).key_stats()[1].mom2
+    sb = _editor(b, tok, tmp_path, layers=(1,)).key_stats()[1].mom2
+    assert not torch.equal(sa, sb)
+    assert len(os.listdir(tmp_path)) == 2
+    # An edited model keeps its identity (the edited projections are not fingerprinted).
+    ad = ModelAdapter(a)
+    fp = model_fingerprint(ad)
+    with torch.no_grad():
+        ad.weight(0).add_(1.0)
+    assert model_fingerprint(ad) == fp
