@@ -1,39 +1,121 @@
 """Triton kernels of memit_fast, shipped as ``memit_fast.kernels``.
 
-Each op has a plain torch reference of the same signature; the dispatcher picks the Triton
-kernel for CUDA tensors when Triton is importable and the reference elsewhere.
+Each op has a plain torch reference of the same signature (``torch_*``, in ``reference.py``)
+and a Triton implementation (``triton_*``, one file per op: ``covariance.py``,
+``update.py``). The dispatcher (the plain name) picks the Triton kernel for CUDA tensors on
+an sm_80+ GPU when Triton imports, and the reference everywhere else. Importing this package
+never imports Triton and never touches a GPU: the op modules are imported on first use.
+
+Ops:
+- ``covariance_accumulate(C, X, mask)`` then, once per pass, ``covariance_finalize(C)``.
+- ``lowrank_update(W, R, U, transposed)``: ``W += R U^T``.
+- ``fused_solve_update(W, L, K, R, transposed)``: ``W += R ((L L^T)^-1 K)^T``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
+from .reference import (
+    covariance_finalize,
+    torch_covariance_accumulate,
+    torch_fused_solve_update,
+    torch_lowrank_update,
+)
 
-def torch_covariance_accumulate(
-    C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None = None
-) -> None:
-    """``C (d, d) fp32 += X^T X`` over the rows of ``X (t, d)`` that ``mask (t,)`` keeps."""
-    if mask is not None:
-        X = X[mask.to(torch.bool)]
-    X = X.to(torch.float32)
-    C.addmm_(X.T, X)
+__all__ = [
+    "covariance_accumulate",
+    "covariance_finalize",
+    "fused_solve_update",
+    "lowrank_update",
+    "torch_covariance_accumulate",
+    "torch_fused_solve_update",
+    "torch_lowrank_update",
+    "triton_available",
+    "uses_triton",
+]
+
+logger = logging.getLogger(__name__)
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether Triton imports (checked once; a failure is logged once)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        logger.warning(
+            "Triton is not importable (%s); memit_fast.kernels uses the torch references", e
+        )
+        return False
+    return True
+
+
+def uses_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op on ``tensors`` goes to the Triton kernels: all on one CUDA device of
+    compute capability 8.0 or newer, and Triton importable."""
+    device = tensors[0].device
+    if device.type != "cuda" or any(t.device != device for t in tensors):
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    return triton_available()
 
 
 def covariance_accumulate(
     C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None = None
 ) -> None:
-    torch_covariance_accumulate(C, X, mask)
+    """``C (d, d) fp32 += X^T X`` over the rows of ``X (t, d)`` (fp32/fp16/bf16) that
+    ``mask (t,)`` keeps (bool, or nonzero). Accumulated in fp32, no host synchronization.
+    A float64 ``C`` is accumulated in float64 by the reference, on every device.
 
+    The Triton path writes only the lower triangle (and the diagonal tiles): call
+    ``covariance_finalize(C)`` once after the last batch; it leaves the reference's full
+    matrix correct too, so the two paths may be mixed within one pass.
+    """
+    if C.dtype == torch.float32 and X.dtype in _KERNEL_DTYPES and uses_triton(C, X):
+        from .covariance import triton_covariance_accumulate
 
-def torch_lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
-    """``W += R U^T`` in place, the product accumulated in fp32 and rounded once into
-    ``W.dtype``. ``W (dh, dk)`` or ``(dk, dh)`` when ``transposed``; ``R (dh, n)``;
-    ``U (dk, n)``."""
-    dW = R.to(torch.float32) @ U.to(torch.float32).T
-    if transposed:
-        dW = dW.T
-    W.copy_((W.to(torch.float32) + dW).to(W.dtype))
+        triton_covariance_accumulate(C, X, mask)
+    else:
+        torch_covariance_accumulate(C, X, mask)
 
 
 def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
-    torch_lowrank_update(W, R, U, transposed)
+    """``W += R U^T`` in place, accumulated in fp32 and rounded once into ``W.dtype``.
+    ``W (dh, dk)``, or ``(dk, dh)`` when ``transposed`` (GPT-2's ``Conv1D``); ``R (dh, n)``;
+    ``U (dk, n)`` (any float dtype; float64 goes in as fp32)."""
+    if (
+        W.dtype in _KERNEL_DTYPES
+        and (W.stride(1) == 1 or W.stride(0) == 1)
+        and uses_triton(W, R, U)
+    ):
+        from .update import triton_lowrank_update
+
+        triton_lowrank_update(W, R, U, transposed)
+    else:
+        torch_lowrank_update(W, R, U, transposed)
+
+
+def fused_solve_update(
+    W: torch.Tensor, L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, transposed: bool
+) -> None:
+    """``W += R (A^-1 K)^T`` with ``A = L L^T`` (``L (dk, dk)`` the lower Cholesky factor of
+    ``lambda C + K K^T``, ``K (dk, n)``, ``R (dh, n)``), never forming ``A^-1`` or the dense
+    update. The Triton path solves in fp32 (3-pass TF32 GEMMs): an opt-in fast path, not
+    the engine's default float64 solve."""
+    if (
+        W.dtype in _KERNEL_DTYPES
+        and (W.stride(1) == 1 or W.stride(0) == 1)
+        and uses_triton(W, L, K, R)
+    ):
+        from .update import triton_fused_solve_update
+
+        triton_fused_solve_update(W, L, K, R, transposed)
+    else:
+        torch_fused_solve_update(W, L, K, R, transposed)

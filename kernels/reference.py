@@ -1,0 +1,154 @@
+"""Plain PyTorch references of the kernels: same signatures, same results up to rounding.
+
+They run wherever the Triton kernels do not (CPU, no Triton, old GPUs) and are what the
+tests and benchmarks compare against. No Triton import here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of X cast to fp32 at a time in the covariance reference: bounds its temporary.
+_REFERENCE_ROW_CHUNK = 8192
+# Rows of C mirrored at a time by covariance_finalize: bounds its temporary.
+_FINALIZE_ROW_BLOCK = 1024
+
+
+def check_covariance_args(C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Shape/dtype/device checks shared by the reference and the kernel."""
+    if X.dim() != 2:
+        raise ValueError(f"covariance_accumulate: X must be (t, d), got shape {tuple(X.shape)}")
+    d = X.shape[1]
+    if C.shape != (d, d):
+        raise ValueError(
+            f"covariance_accumulate: C must be (d, d) = ({d}, {d}) for X of shape "
+            f"{tuple(X.shape)}, got {tuple(C.shape)}"
+        )
+    if C.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"covariance_accumulate: C must be float32 (or float64), got {C.dtype}")
+    if not X.is_floating_point():
+        raise TypeError(f"covariance_accumulate: X must be floating point, got {X.dtype}")
+    if C.device != X.device:
+        raise ValueError(f"covariance_accumulate: C is on {C.device} but X on {X.device}")
+    if mask is not None:
+        if mask.shape != (X.shape[0],):
+            raise ValueError(
+                f"covariance_accumulate: mask must be (t,) = ({X.shape[0]},), "
+                f"got {tuple(mask.shape)}"
+            )
+        if mask.device != X.device:
+            raise ValueError(f"covariance_accumulate: mask is on {mask.device} but X on {X.device}")
+
+
+def torch_covariance_accumulate(
+    C: torch.Tensor, X: torch.Tensor, mask: torch.Tensor | None = None
+) -> None:
+    """``C (d, d) fp32 += X^T X`` over the rows of ``X (t, d)`` that ``mask (t,)`` keeps
+    (bool, or numeric: nonzero keeps). Accumulated in ``C.dtype`` (a float64 ``C`` is
+    allowed here: the statistics pass offers float64 accumulators).
+
+    Accumulates the full matrix (``covariance_finalize`` afterwards leaves it as is, up to
+    rounding: it copies the lower triangle over the upper one). Masked-out rows never
+    reach ``C``, whatever they hold (NaN included). No host synchronization: the mask is
+    applied with ``torch.where``, not by indexing. The fp32 cast of ``X`` is done
+    ``_REFERENCE_ROW_CHUNK`` rows at a time.
+    """
+    check_covariance_args(C, X, mask)
+    keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
+    for r0 in range(0, X.shape[0], _REFERENCE_ROW_CHUNK):
+        Xc = X[r0 : r0 + _REFERENCE_ROW_CHUNK]
+        if keep is not None:
+            Xc = torch.where(keep[r0 : r0 + _REFERENCE_ROW_CHUNK, None], Xc, 0)
+        Xc = Xc.to(C.dtype)
+        C.addmm_(Xc.T, Xc)
+
+
+def covariance_finalize(C: torch.Tensor) -> None:
+    """Make ``C (d, d)`` symmetric in place by copying its strict lower triangle over its
+    strict upper triangle: ``C := tril(C) + tril(C, -1)^T``.
+
+    Call it once after the last ``covariance_accumulate`` of a pass. Both accumulate paths
+    keep a correct lower triangle (the Triton kernel computes only the lower triangle of
+    tiles, the reference the full matrix), so they may even be mixed within one pass, and
+    calling finalize twice changes nothing. Works blockwise (``_FINALIZE_ROW_BLOCK`` rows)
+    so the temporary stays small; the same code serves CPU and CUDA (it runs once per pass
+    and is bound by memory traffic).
+    """
+    if C.dim() != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"covariance_finalize: C must be square, got shape {tuple(C.shape)}")
+    d = C.shape[0]
+    bs = _FINALIZE_ROW_BLOCK
+    for i0 in range(0, d, bs):
+        i1 = min(i0 + bs, d)
+        diag = C[i0:i1, i0:i1]
+        diag.copy_(diag.tril() + diag.tril(-1).T)
+        if i1 < d:
+            C[i0:i1, i1:].copy_(C[i1:, i0:i1].T)
+
+
+def check_update_args(
+    W: torch.Tensor,
+    R: torch.Tensor,
+    U: torch.Tensor,
+    transposed: bool,
+    name: str = "lowrank_update",
+) -> None:
+    if W.dim() != 2 or R.dim() != 2 or U.dim() != 2:
+        raise ValueError(
+            f"{name}: W, R and U must be 2-D, got {tuple(W.shape)}, {tuple(R.shape)}, "
+            f"{tuple(U.shape)}"
+        )
+    dh, dk = (W.shape[1], W.shape[0]) if transposed else (W.shape[0], W.shape[1])
+    layout = "(dk, dh) (transposed=True)" if transposed else "(dh, dk)"
+    if R.shape[0] != dh or U.shape[0] != dk or R.shape[1] != U.shape[1]:
+        raise ValueError(
+            f"{name}: W {tuple(W.shape)} read as {layout} needs R (dh={dh}, n) and "
+            f"U (dk={dk}, n) with the same n, got R {tuple(R.shape)} and U {tuple(U.shape)}"
+        )
+    for t, nm in ((R, "R"), (U, "U")):
+        if t.device != W.device:
+            raise ValueError(f"{name}: {nm} is on {t.device} but W on {W.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {nm} must be floating point, got {t.dtype}")
+    if not W.is_floating_point():
+        raise TypeError(f"{name}: W must be floating point, got {W.dtype}")
+
+
+def torch_lowrank_update(
+    W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool
+) -> None:
+    """``W += R U^T`` in place, the product accumulated in fp32 and rounded once into
+    ``W.dtype``. ``W (dh, dk)`` or ``(dk, dh)`` when ``transposed``; ``R (dh, n)``;
+    ``U (dk, n)``."""
+    check_update_args(W, R, U, transposed)
+    dW = R.to(torch.float32) @ U.to(torch.float32).T
+    if transposed:
+        dW = dW.T
+    W.copy_((W.to(torch.float32) + dW).to(W.dtype))
+
+
+def check_solve_args(
+    W: torch.Tensor, L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, transposed: bool
+) -> None:
+    check_update_args(W, R, K, transposed, name="fused_solve_update")
+    dk = K.shape[0]
+    if L.shape != (dk, dk):
+        raise ValueError(
+            f"fused_solve_update: L must be (dk, dk) = ({dk}, {dk}) for K {tuple(K.shape)}, "
+            f"got {tuple(L.shape)}"
+        )
+    if L.device != W.device:
+        raise ValueError(f"fused_solve_update: L is on {L.device} but W on {W.device}")
+    if not L.is_floating_point():
+        raise TypeError(f"fused_solve_update: L must be floating point, got {L.dtype}")
+
+
+def torch_fused_solve_update(
+    W: torch.Tensor, L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, transposed: bool
+) -> None:
+    """``W += R (A^-1 K)^T`` with ``A = L L^T``: ``cholesky_solve`` in ``L.dtype``, then
+    ``torch_lowrank_update``. ``L (dk, dk)`` lower Cholesky factor of
+    ``lambda C + K K^T``; ``K (dk, n)``; ``R (dh, n)``; ``W`` as in ``torch_lowrank_update``."""
+    check_solve_args(W, L, K, R, transposed)
+    U = torch.cholesky_solve(K.to(L.dtype), L)
+    torch_lowrank_update(W, R, U, transposed)

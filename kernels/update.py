@@ -1,0 +1,388 @@
+"""The weight update of MEMIT's layer step: ``W += R U^T`` and the fused solve/update.
+
+``lowrank_update``: ``W += R U^T`` straight into the weight, in its own dtype and layout.
+One program per output tile of ``W``: the rank-n product is accumulated in fp32 registers,
+added to the tile of ``W`` read in fp32 and rounded once into ``W.dtype``. The dense update
+never exists in memory. GPT-2's ``Conv1D`` stores ``W`` as ``(dk, dh)``; that is the same
+kernel with the two factors swapped (``W^T += U R^T``), and a weight that is a transposed
+view (unit stride along rows) is handled the same way.
+
+``fused_solve_update``: given the lower Cholesky factor ``L`` of ``A = lambda C + K K^T``,
+``U = A^-1 K = L^-T (L^-1 K)`` by blocked triangular solves with many right-hand sides,
+then ``W += R U^T`` as above. Blocked right-looking substitution: the diagonal blocks of
+``L`` (``solve_block`` wide) are inverted once in float64 (small, batched), so each block
+step is two GEMMs: ``U_b = L_bb^-1 Y_b`` and the trailing update ``Y_rest -= L_rest,b U_b``;
+the backward sweep uses ``L^T`` through strides, never a transposed copy. ``A^-1`` is never
+formed. Everything is fp32 with the 3-pass TF32 split on the tensor cores (fp32-level error);
+this is the optional fast path, the default engine solves in float64 elsewhere.
+
+The GEMMs of the solve can run on cuBLAS instead (``gemm_backend="cublas"``: plain fp32
+``addmm``, no TF32). ``benchmarks/bench_update.py`` times both; the default is Triton because
+fp32 cuBLAS GEMMs cannot use the tensor cores without dropping to single-pass TF32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import KernelConfig, Launch, arch_of
+from .reference import check_solve_args, check_update_args
+
+# (arch family, operand kind) -> tile config of W += P Q^T.
+LOWRANK_CONFIGS: dict[tuple[int, str], KernelConfig] = {
+    (90, "16bit"): KernelConfig(128, 128, 64, 8, num_warps=8, num_stages=4),
+    (90, "fp32"): KernelConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
+    (80, "16bit"): KernelConfig(128, 128, 32, 8, num_warps=4, num_stages=4),
+    (80, "fp32"): KernelConfig(128, 128, 16, 8, num_warps=4, num_stages=4),
+}
+# arch family -> tile config of the fp32 GEMMs inside the triangular solves.
+SOLVE_GEMM_CONFIGS: dict[int, KernelConfig] = {
+    90: KernelConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
+    80: KernelConfig(128, 128, 16, 8, num_warps=4, num_stages=4),
+}
+# Width of the diagonal blocks of the blocked triangular solve.
+SOLVE_BLOCK = 512
+
+_OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _lowrank_update_kernel(
+    W_ptr,
+    P_ptr,
+    Q_ptr,
+    M,
+    N,
+    NK,
+    stride_wm,
+    stride_pm,
+    stride_qm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``W (M, N) += P (M, NK) @ Q (N, NK)^T``; all three with unit stride along columns."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP * num_pid_n
+    first_m = (pid // in_group) * GROUP
+    size_m = tl.minimum(num_pid_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    p_ptrs = P_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_k[None, :]
+    q_ptrs = Q_ptr + offs_n[:, None].to(tl.int64) * stride_qm + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, NK, BLOCK_K):
+        mask_k = offs_k < NK - k0
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(p, tl.trans(q), acc, input_precision=PRECISION)
+        p_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K
+
+    w_ptrs = W_ptr + offs_m[:, None].to(tl.int64) * stride_wm + offs_n[None, :]
+    w_mask = mask_m[:, None] & mask_n[None, :]
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+    tl.store(w_ptrs, (w + acc).to(W_ptr.dtype.element_ty), mask=w_mask)
+
+
+@triton.jit
+def _gemm_kernel(
+    C_ptr,
+    A_ptr,
+    B_ptr,
+    M,
+    N,
+    K,
+    stride_cm,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    SUBTRACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``C (M, N) = A (M, K) @ B (K, N)``, or ``C -= A @ B`` when ``SUBTRACT``; fp32.
+    ``C`` has unit stride along columns; ``A`` and ``B`` any strides (``L^T`` is a view)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP * num_pid_n
+    first_m = (pid // in_group) * GROUP
+    size_m = tl.minimum(num_pid_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = A_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c_ptrs = C_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_mask = mask_m[:, None] & mask_n[None, :]
+    if SUBTRACT:
+        acc = tl.load(c_ptrs, mask=c_mask, other=0.0) - acc
+    tl.store(c_ptrs, acc, mask=c_mask)
+
+
+def _grid_2d(M: int, N: int, cfg: KernelConfig) -> tuple[int]:
+    return (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+
+
+def update_precision(w_dtype: torch.dtype, operand_dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision of the rank-n product. 16-bit operands: exact products
+    (the setting is ignored). fp32 operands: IEEE fp32 when ``W`` is fp32 (bit-for-bit the
+    reference's arithmetic, up to summation order); the 3-pass TF32 split when ``W`` is
+    16-bit, whose error (about 2^-21 of each product) stays far below the rounding of ``W``."""
+    if operand_dtype != torch.float32:
+        return "ieee"
+    return "ieee" if w_dtype == torch.float32 else "tf32x3"
+
+
+def lowrank_operands(
+    W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Wm, P, Q)`` with ``Wm += P Q^T`` equivalent to ``W += R U^T``: ``Wm`` is ``W`` or
+    its transpose, whichever has unit stride along columns; ``P``/``Q`` are ``R``/``U`` (or
+    swapped), in one dtype that the kernel takes (a common 16-bit dtype, else fp32), with
+    unit stride along columns."""
+    if W.stride(1) != 1:
+        if W.stride(0) != 1:
+            raise ValueError(
+                f"lowrank_update: W {tuple(W.shape)} with strides {W.stride()} has no unit "
+                "stride; the Triton kernel needs a row- or column-contiguous weight"
+            )
+        W, transposed = W.T, not transposed
+    P, Q = (U, R) if transposed else (R, U)
+    dtype = P.dtype if (P.dtype == Q.dtype and P.dtype in _OPERAND_DTYPES) else torch.float32
+    P, Q = P.to(dtype), Q.to(dtype)
+    if P.stride(1) != 1:
+        P = P.contiguous()
+    if Q.stride(1) != 1:
+        Q = Q.contiguous()
+    return W, P, Q
+
+
+def plan_lowrank_update(
+    W: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    *,
+    arch: int | None = None,
+    config: KernelConfig | None = None,
+) -> list[Launch]:
+    """The launch of ``W (M, N) += P (M, n) Q (N, n)^T`` (operands from
+    ``lowrank_operands``)."""
+    if arch is None:
+        arch = arch_of(W.device)
+    kind = "fp32" if P.dtype == torch.float32 else "16bit"
+    cfg = config or LOWRANK_CONFIGS[(arch, kind)]
+    M, N = W.shape
+    n = P.shape[1]
+    args = (W, P, Q, M, N, n, W.stride(0), P.stride(0), Q.stride(0))
+    constexprs = dict(
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP=cfg.group,
+        PRECISION=update_precision(W.dtype, P.dtype),
+    )
+    return [
+        Launch(
+            _lowrank_update_kernel,
+            _grid_2d(M, N, cfg),
+            args,
+            constexprs,
+            cfg.num_warps,
+            cfg.num_stages,
+        )
+    ]
+
+
+def triton_lowrank_update(
+    W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool
+) -> None:
+    """``W += R U^T`` in place, accumulated in fp32 and rounded once into ``W.dtype``.
+
+    ``W (dh, dk)``, or ``(dk, dh)`` when ``transposed`` (GPT-2's ``Conv1D``), fp32/fp16/
+    bf16, row- or column-contiguous; ``R (dh, n)``, ``U (dk, n)`` any float dtype (a common
+    16-bit dtype is used as is, anything else goes in as fp32, e.g. the float64 solution).
+    """
+    check_update_args(W, R, U, transposed)
+    Wm, P, Q = lowrank_operands(W, R, U, transposed)
+    for launch in plan_lowrank_update(Wm, P, Q):
+        launch.run()
+
+
+@dataclass
+class GemmStep:
+    """One GEMM of the blocked solve: ``C = A @ B`` or ``C -= A @ B`` (``subtract``)."""
+
+    C: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    subtract: bool
+
+    def run_cublas(self) -> None:
+        if self.subtract:
+            self.C.addmm_(self.A, self.B, alpha=-1.0)
+        else:
+            torch.mm(self.A, self.B, out=self.C)
+
+    def launch(self, cfg: KernelConfig) -> Launch:
+        (M, K), N = self.A.shape, self.B.shape[1]
+        args = (
+            self.C,
+            self.A,
+            self.B,
+            M,
+            N,
+            K,
+            self.C.stride(0),
+            self.A.stride(0),
+            self.A.stride(1),
+            self.B.stride(0),
+            self.B.stride(1),
+        )
+        constexprs = dict(
+            SUBTRACT=self.subtract,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            GROUP=cfg.group,
+            PRECISION="tf32x3",
+        )
+        return Launch(
+            _gemm_kernel, _grid_2d(M, N, cfg), args, constexprs, cfg.num_warps, cfg.num_stages
+        )
+
+
+def diagonal_block_inverses(L: torch.Tensor, block: int) -> torch.Tensor:
+    """``(nb, block, block)`` fp32 inverses of the diagonal blocks of the lower-triangular
+    ``L``, computed in float64 (the last block padded with the identity)."""
+    dk = L.shape[0]
+    nb = triton.cdiv(dk, block)
+    eye = torch.eye(block, dtype=torch.float64, device=L.device)
+    Lb = eye.repeat(nb, 1, 1)
+    for b in range(nb):
+        s, e = b * block, min((b + 1) * block, dk)
+        Lb[b, : e - s, : e - s] = L[s:e, s:e].tril()
+    return torch.linalg.solve_triangular(Lb, eye.expand(nb, block, block), upper=False).to(
+        torch.float32
+    )
+
+
+def solve_steps(
+    L: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, block: int, Linv: torch.Tensor
+) -> list[GemmStep]:
+    """The GEMMs that turn ``Y = K`` (fp32, overwritten) into ``Y = (L L^T)^-1 K``, with
+    ``Z`` a workspace of the same shape and ``Linv`` from ``diagonal_block_inverses``. Forward sweep ``L Z = Y``: per block
+    ``Z_b = Linv_b Y_b``, ``Y_after -= L_after,b Z_b``. Backward sweep ``L^T Y = Z``: per
+    block from the last, ``Y_b = Linv_b^T Z_b``, ``Z_before -= (L_b,before)^T Y_b``."""
+    dk = L.shape[0]
+    nb = triton.cdiv(dk, block)
+    steps = []
+    for b in range(nb):
+        s, e = b * block, min((b + 1) * block, dk)
+        steps.append(GemmStep(Z[s:e], Linv[b, : e - s, : e - s], Y[s:e], subtract=False))
+        if e < dk:
+            steps.append(GemmStep(Y[e:], L[e:, s:e], Z[s:e], subtract=True))
+    for b in reversed(range(nb)):
+        s, e = b * block, min((b + 1) * block, dk)
+        steps.append(GemmStep(Y[s:e], Linv[b, : e - s, : e - s].T, Z[s:e], subtract=False))
+        if s > 0:
+            steps.append(GemmStep(Z[:s], L[s:e, :s].T, Y[s:e], subtract=True))
+    return steps
+
+
+def _solve_workspace(
+    L: torch.Tensor, K: torch.Tensor, block: int
+) -> tuple[list[GemmStep], torch.Tensor]:
+    """The solve's GEMM steps and the buffer that holds ``U = (L L^T)^-1 K`` after them."""
+    if block < 1:
+        raise ValueError(f"solve_block must be positive, got {block}")
+    Linv = diagonal_block_inverses(L, block)  # from L as given (float64 stays float64)
+    Lf = L if L.dtype == torch.float32 else L.to(torch.float32)
+    Y = K.to(torch.float32, copy=True).contiguous()
+    Z = torch.empty_like(Y)
+    return solve_steps(Lf, Y, Z, block, Linv), Y
+
+
+def plan_fused_solve_update(
+    W: torch.Tensor,
+    L: torch.Tensor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    transposed: bool,
+    *,
+    arch: int | None = None,
+    solve_block: int | None = None,
+) -> list[Launch]:
+    """Every launch of ``triton_fused_solve_update``, in order (workspaces allocated here,
+    on ``W.device``; the diagonal-block inverses computed here)."""
+    if arch is None:
+        arch = arch_of(W.device)
+    steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
+    cfg = SOLVE_GEMM_CONFIGS[arch]
+    launches = [st.launch(cfg) for st in steps]
+    Wm, P, Q = lowrank_operands(W, R.to(torch.float32), Y, transposed)
+    return launches + plan_lowrank_update(Wm, P, Q, arch=arch)
+
+
+def triton_fused_solve_update(
+    W: torch.Tensor,
+    L: torch.Tensor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    transposed: bool,
+    *,
+    solve_block: int | None = None,
+    gemm_backend: str = "triton",
+) -> None:
+    """``W += R (A^-1 K)^T`` with ``A = L L^T``, without forming ``A^-1`` or the dense update.
+
+    ``L (dk, dk)`` lower Cholesky factor of ``lambda C + K K^T`` (read as fp32; float64 is
+    rounded to fp32: this is the low-precision option); ``K (dk, n)``; ``R (dh, n)``;
+    ``W`` as in ``triton_lowrank_update``. Workspace: two ``(dk, n)`` fp32 buffers.
+    ``gemm_backend``: ``"triton"`` (3-pass TF32 tensor-core GEMMs) or ``"cublas"`` (fp32
+    ``addmm``) for the GEMMs of the solve; the final update is always the Triton kernel.
+    """
+    check_solve_args(W, L, K, R, transposed)
+    if gemm_backend == "triton":
+        for launch in plan_fused_solve_update(W, L, K, R, transposed, solve_block=solve_block):
+            launch.run()
+        return
+    if gemm_backend != "cublas":
+        raise ValueError(f"gemm_backend must be 'triton' or 'cublas', got {gemm_backend!r}")
+    steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
+    for st in steps:
+        st.run_cublas()
+    triton_lowrank_update(W, R, Y, transposed)

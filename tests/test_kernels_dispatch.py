@@ -1,0 +1,95 @@
+"""The plain names of memit_fast.kernels dispatch: the references for CPU tensors (and
+wherever Triton is missing), the Triton kernels only for CUDA tensors; importing the
+package needs neither Triton nor a GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import memit_fast.kernels as K
+import pytest
+import torch
+
+from memit_fast import linalg
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record which implementation each dispatcher called (and still run it)."""
+    seen = []
+    for name in ("torch_covariance_accumulate", "torch_lowrank_update", "torch_fused_solve_update"):
+        real = getattr(K, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            seen.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(K, name, spy)
+    return seen
+
+
+def test_public_names():
+    assert sorted(K.__all__) == [
+        "covariance_accumulate",
+        "covariance_finalize",
+        "fused_solve_update",
+        "lowrank_update",
+        "torch_covariance_accumulate",
+        "torch_fused_solve_update",
+        "torch_lowrank_update",
+        "triton_available",
+        "uses_triton",
+    ]
+    for name in K.__all__:
+        assert callable(getattr(K, name))
+
+
+def test_cpu_tensors_go_to_the_references(calls):
+    assert not K.uses_triton(torch.zeros(1))
+    C = torch.zeros(4, 4)
+    X = torch.randn(6, 4, dtype=torch.float16)
+    K.covariance_accumulate(C, X, torch.ones(6, dtype=torch.long))
+    K.covariance_finalize(C)
+    Xd = X.double()
+    assert torch.allclose(C.double(), Xd.T @ Xd, atol=1e-5)
+    W = torch.zeros(3, 4)
+    K.lowrank_update(W, torch.ones(3, 2), torch.ones(4, 2), False)
+    assert torch.equal(W, torch.full((3, 4), 2.0))
+    K.fused_solve_update(W, torch.eye(4), torch.ones(4, 2), torch.ones(3, 2), False)
+    assert torch.equal(W, torch.full((3, 4), 4.0))
+    assert calls == [
+        "torch_covariance_accumulate",
+        "torch_lowrank_update",
+        "torch_fused_solve_update",
+    ]
+
+
+def test_float64_accumulator_goes_to_the_reference(calls):
+    C = torch.zeros(3, 3, dtype=torch.float64)
+    K.covariance_accumulate(C, torch.ones(2, 3), None)
+    assert calls == ["torch_covariance_accumulate"] and torch.all(C == 2)
+
+
+def test_engine_update_dispatches_through_kernels(calls):
+    """linalg.apply_update (the layer loop's write) reaches lowrank_update -> reference."""
+    W = torch.zeros(5, 3, dtype=torch.float16)  # transposed layout: (dk, dh)
+    U = torch.ones(5, 1, dtype=torch.float64)
+    linalg.apply_update(W, torch.ones(3, 1), U, transposed=True)
+    assert calls == ["torch_lowrank_update"] and torch.all(W == 1)
+
+
+def test_import_needs_no_triton_and_no_gpu():
+    """With Triton unimportable, the package imports and every op runs on the reference."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, memit_fast.kernels as K\n"
+        "assert not K.triton_available()\n"
+        "C = torch.zeros(3, 3); K.covariance_accumulate(C, torch.ones(2, 3)); K.covariance_finalize(C)\n"
+        "assert torch.all(C == 2)\n"
+        "W = torch.zeros(2, 3); K.lowrank_update(W, torch.ones(2, 1), torch.ones(3, 1), False)\n"
+        "assert torch.all(W == 1)\n"
+        "assert 'triton' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,179 @@
+"""lowrank_update and fused_solve_update: Triton kernels against the torch references.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (sm_90 block
+configuration; the interpreter computes fp32 dots in IEEE fp32, so the 3-pass TF32 split of
+the GPU is not exercised here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_utils import (
+    assert_error_within,
+    assert_guards_intact,
+    assert_verbose_allclose,
+    fill_guarded,
+    limit_blas_threads,
+)
+from memit_fast.kernels import torch_fused_solve_update, torch_lowrank_update
+
+pytest.importorskip("triton")
+
+from memit_fast.kernels.update import (  # noqa: E402
+    triton_fused_solve_update,
+    triton_lowrank_update,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+W_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+EPS32 = 2.0**-24
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+limit_blas_threads(1)
+
+
+def w_shape(dh: int, dk: int, transposed: bool) -> tuple[int, int]:
+    return (dk, dh) if transposed else (dh, dk)
+
+
+def exact_update(W0: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool):
+    dW = R.to(torch.float64) @ U.to(torch.float64).T
+    return W0.to(torch.float64) + (dW.T if transposed else dW)
+
+
+def check_rounded_once(W: torch.Tensor, exact: torch.Tensor, R, U, info: str) -> None:
+    """``W`` is ``exact`` rounded into ``W.dtype``, up to one rounding step plus the fp32
+    accumulation error of the product."""
+    u = UNIT_ROUNDOFF[W.dtype]
+    n = R.shape[1]
+    prod_scale = (R.abs().to(torch.float64).max() * U.abs().to(torch.float64).max()).item()
+    atol = 2 * (n + 2) * EPS32 * prod_scale + 1e-30
+    assert_verbose_allclose(W.cpu(), exact, rtol=2 * u, atol=atol, extra_info=info)
+
+
+SIZES = [(1, 1), (7, 129), (129, 7), (1000, 129), (129, 1000)]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 64])
+@pytest.mark.parametrize("dh,dk", SIZES)
+@pytest.mark.parametrize("w_dtype", W_DTYPES)
+def test_lowrank_matches_reference(w_dtype, dh, dk, n, transposed):
+    g = torch.Generator().manual_seed(dh * 7 + dk + n)
+    W0 = torch.randn(w_shape(dh, dk, transposed), generator=g).to(w_dtype)
+    R = torch.randn(dh, n, generator=g)  # fp32 residuals
+    U = torch.randn(dk, n, generator=g, dtype=torch.float64) / 8  # float64 solve output
+    info = f"W {w_dtype} dh={dh} dk={dk} n={n} transposed={transposed}: "
+    W, buf, pad = fill_guarded(W0.shape, w_dtype, W0, DEVICE)
+    triton_lowrank_update(W, R.to(DEVICE), U.to(DEVICE), transposed)
+    assert_guards_intact(buf, pad)
+    exact = exact_update(W0, R, U, transposed)
+    check_rounded_once(W, exact, R, U, info)
+    Wref = W0.clone().to(DEVICE)
+    torch_lowrank_update(Wref, R.to(DEVICE), U.to(DEVICE), transposed)
+    if w_dtype == torch.float32:
+        assert_error_within(
+            W.cpu(), exact, Wref.cpu(), factor=4.0, floor=8 * EPS32, extra_info=info
+        )
+    else:
+        # Rounded once: at most one unit in the last place away from the reference.
+        ulp = 2 * UNIT_ROUNDOFF[w_dtype] * Wref.cpu().to(torch.float64).abs().clamp_min(1e-3)
+        assert torch.all((W.cpu().to(torch.float64) - Wref.cpu().to(torch.float64)).abs() <= ulp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_lowrank_16bit_operands(dtype):
+    """R and U in the weight's 16-bit dtype go to the kernel as they are (exact products)."""
+    g = torch.Generator().manual_seed(11)
+    W0 = torch.randn(129, 70, generator=g).to(dtype)
+    R = torch.randn(129, 33, generator=g).to(dtype)
+    U = torch.randn(70, 33, generator=g).to(dtype)
+    W = W0.clone().to(DEVICE)
+    triton_lowrank_update(W, R.to(DEVICE), U.to(DEVICE), False)
+    check_rounded_once(W, exact_update(W0, R, U, False), R, U, "16-bit operands: ")
+
+
+def test_lowrank_weight_given_as_transposed_view():
+    """A column-contiguous W (a ``.T`` view) is updated in place through its storage."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(40, 130, generator=g).to(DEVICE)  # storage of W^T
+    W = base.T  # (130, 40), strides (1, 130)
+    W0 = W.cpu().clone()
+    R, U = torch.randn(130, 6, generator=g), torch.randn(40, 6, generator=g)
+    triton_lowrank_update(W, R.to(DEVICE), U.to(DEVICE), False)
+    assert_verbose_allclose(base.T.cpu(), exact_update(W0, R, U, False), rtol=1e-5, atol=1e-5)
+
+
+def make_system(dk: int, n: int, dh: int, seed: int):
+    """``L`` of ``A = lambda C + K K^T`` (float64), keys, residuals; lambda scaled like the
+    published settings relative to the keys."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(dk, 4 * dk + 8, generator=g, dtype=torch.float64)
+    C = keys @ keys.T / keys.shape[1]
+    K = torch.randn(dk, n, generator=g, dtype=torch.float64)
+    A = 2.0 * C + K @ K.T
+    L = torch.linalg.cholesky(A)
+    R = torch.randn(dh, n, generator=g, dtype=torch.float64)
+    return L, K, R
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("solve_block", [None, 32])
+@pytest.mark.parametrize("n", [1, 5, 64])
+@pytest.mark.parametrize("dk", [1, 7, 129])
+@pytest.mark.parametrize("w_dtype", W_DTYPES)
+def test_fused_solve_update_matches_reference(w_dtype, dk, n, solve_block, transposed):
+    dh = 7
+    L, K, R = make_system(dk, n, dh, seed=dk * 100 + n)
+    g = torch.Generator().manual_seed(1)
+    # Small weights, so that the solve's error is not hidden under W's own rounding.
+    W0 = (torch.randn(w_shape(dh, dk, transposed), generator=g) / 64).to(w_dtype)
+    info = f"W {w_dtype} dk={dk} n={n} block={solve_block} transposed={transposed}: "
+    W, buf, pad = fill_guarded(W0.shape, w_dtype, W0, DEVICE)
+    Lf, Kf, Rf = (x.to(torch.float32).to(DEVICE) for x in (L, K, R))
+    triton_fused_solve_update(W, Lf, Kf, Rf, transposed, solve_block=solve_block)
+    assert_guards_intact(buf, pad)
+    exact = exact_update(W0, R, torch.cholesky_solve(K, L), transposed)
+    # Plain torch in fp32 (cholesky_solve + matmul + add) is the error baseline.
+    Wref = W0.clone().to(DEVICE)
+    torch_fused_solve_update(Wref, Lf, Kf, Rf, transposed)
+    if w_dtype == torch.float32:
+        assert_error_within(
+            W.cpu(), exact, Wref.cpu(), factor=4.0, floor=64 * EPS32, extra_info=info
+        )
+    else:
+        u = UNIT_ROUNDOFF[w_dtype]
+        assert_verbose_allclose(W.cpu(), exact, rtol=2 * u, atol=1e-4, extra_info=info)
+
+
+def test_fused_solve_update_d1000_float64_factor():
+    """dk = 1000 (two blocks of the default width, the second partial); L in float64 (the
+    diagonal blocks are inverted from it, the GEMMs read it as fp32); cuBLAS GEMM backend
+    gives the same result."""
+    dk, n, dh = 1000, 5, 7
+    L, K, R = make_system(dk, n, dh, seed=9)
+    W0 = torch.randn(dh, dk, generator=torch.Generator().manual_seed(2)) / 64
+    exact = exact_update(W0, R, torch.cholesky_solve(K, L), False)
+    Wref = W0.clone()
+    torch_fused_solve_update(Wref, L.float(), K.float(), R.float(), False)
+    for backend in ("triton", "cublas"):
+        W = W0.clone().to(DEVICE)
+        triton_fused_solve_update(
+            W, L.to(DEVICE), K.float().to(DEVICE), R.float().to(DEVICE), False, gemm_backend=backend
+        )
+        assert_error_within(W.cpu(), exact, Wref, factor=4.0, floor=64 * EPS32, extra_info=backend)
+
+
+def test_bad_arguments_are_named():
+    W = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"lowrank_update: W \(4, 6\) read as \(dh, dk\)"):
+        triton_lowrank_update(W, torch.zeros(4, 2), torch.zeros(5, 2), False)
+    with pytest.raises(ValueError, match="lowrank_update"):
+        torch_lowrank_update(W, torch.zeros(6, 2), torch.zeros(4, 2), False)
+    with pytest.raises(ValueError, match=r"fused_solve_update: L must be \(dk, dk\)"):
+        triton_fused_solve_update(W, torch.zeros(5, 5), torch.zeros(6, 2), torch.zeros(4, 2), False)
+    with pytest.raises(ValueError, match="gemm_backend"):
+        triton_fused_solve_update(
+            W, torch.eye(6), torch.zeros(6, 2), torch.zeros(4, 2), False, gemm_backend="magma"
+        )
