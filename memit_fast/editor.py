@@ -59,6 +59,7 @@ class EditResult:
         timings: seconds per phase.
         weight_names: the parameter written per layer.
         transposed: whether the weights are stored ``(dk, dh)`` (GPT-2's Conv1D).
+        keys: per layer the keys ``K (dk, n)`` fp32 (CPU) the update was solved for.
     """
 
     config: EditConfig
@@ -69,8 +70,10 @@ class EditResult:
     timings: dict[str, float]
     weight_names: dict[int, str]
     transposed: bool
+    keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _originals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _adapter: ModelAdapter | None = field(default=None, repr=False)
+    _editor: Editor | None = field(default=None, repr=False)
     reverted: bool = False
 
     def delta(self, layer: int) -> torch.Tensor:
@@ -107,10 +110,14 @@ class EditResult:
             raise RuntimeError("this edit was already reverted")
         if self._adapter is None:
             raise RuntimeError("this EditResult is not attached to a model")
+        if self._editor is not None:
+            self._editor._check_revertible(self)
         with torch.no_grad():
             for l, w0 in self._originals.items():
                 self._adapter.weight(l).copy_(w0)
         self.reverted = True
+        if self._editor is not None:
+            self._editor._forget(self)
 
 
 @contextlib.contextmanager
@@ -136,6 +143,10 @@ class Editor:
         corpus_id: a name for ``corpus`` in the cache when it cannot be hashed (iterables).
         stats_dir: where statistics are cached (``None``: not cached on disk).
         stats: precomputed statistics ``{layer: (dk, dk) mom2}`` (skip the corpus pass).
+        remember_keys: sequential editing: a later ``apply`` solves against
+            ``lambda C + sum of K_b K_b^T`` over the batches written before (so it does not
+            overwrite them); the cached factor is updated, not refactored. ``False``
+            solves every batch against ``lambda C`` alone (plain MEMIT re-applied).
         progress: show progress bars for the long phases.
     """
 
@@ -150,6 +161,7 @@ class Editor:
         corpus_id: str | None = None,
         stats_dir: str | os.PathLike | None = None,
         stats: dict[int, torch.Tensor] | None = None,
+        remember_keys: bool = True,
         progress: bool = False,
     ):
         self.model = model
@@ -171,6 +183,45 @@ class Editor:
             for l, C in stats.items():
                 self._stats[int(l)] = LayerStats(mom2=C, count=-1)
         self._templates: tuple[str, ...] | None = self.config.context_templates
+        self.remember_keys = remember_keys
+        self._solvers: dict[int, linalg.LayerSolver] = {}
+        # Keys written by earlier applies that are still in force: [(result, {layer: K})].
+        self._written: list[tuple[EditResult, dict[int, torch.Tensor]]] = []
+        self._history: list[EditResult] = []
+
+    # ------------------------------------------------------------------ solver state
+
+    def _solver(self, layer: int, C: torch.Tensor) -> linalg.LayerSolver:
+        """The layer's solver: the factor of ``lambda C`` plus the remembered keys."""
+        if layer not in self._solvers:
+            try:
+                s = linalg.LayerSolver(C, self.config.mom2_update_weight, name=f"layer {layer}")
+            except (ValueError, linalg.IllConditionedError) as e:
+                raise EditFailedError(
+                    f"layer {layer}: {e}; use a larger mom2_update_weight (lambda) or more "
+                    "statistics samples"
+                ) from e
+            old = [ks[layer] for _, ks in self._written if layer in ks]
+            if old:
+                s.commit(torch.cat(old, dim=1))
+            self._solvers[layer] = s
+        return self._solvers[layer]
+
+    def _check_revertible(self, result: EditResult) -> None:
+        later = self._history[self._history.index(result) + 1 :] if result in self._history else []
+        for r in later:
+            if not r.reverted and set(r.layers) & set(result.layers):
+                raise RuntimeError(
+                    "a later edit on the same layers is still applied: revert the edits in "
+                    "reverse order"
+                )
+
+    def _forget(self, result: EditResult) -> None:
+        """Called by ``result.revert()``: its keys no longer protect anything."""
+        kept = [(r, ks) for r, ks in self._written if r is not result]
+        if len(kept) != len(self._written):
+            self._written = kept
+            self._solvers.clear()  # rebuilt from lambda C and the remaining keys
 
     # ------------------------------------------------------------------ inputs
 
@@ -337,6 +388,7 @@ class Editor:
         bare_rows = [i * T for i in range(n)]
         originals: dict[int, torch.Tensor] = {}
         factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        written_keys: dict[int, torch.Tensor] = {}
         timings["keys"] = 0.0
         timings["solve"] = 0.0
         timings["update"] = 0.0
@@ -360,11 +412,13 @@ class Editor:
                 Z = tr.z.to(H.device)
                 R = ((Z - H) / (len(layers) - j)).T.contiguous()  # (dh, n)
                 C = stats[l].mom2
+                solver = self._solver(l, C)
                 try:
-                    U = linalg.memit_solve(C, K.to(C.device), c.mom2_update_weight)
+                    U = solver.solve(K.to(C.device))
                 except linalg.IllConditionedError as e:
                     raise EditFailedError(f"layer {l}: {e}") from e
                 U = U.to(torch.float32)
+                written_keys[l] = K.detach().to("cpu")
                 timings["solve"] += time.perf_counter() - tick
                 if not (torch.isfinite(U).all() and torch.isfinite(R).all()):
                     raise EditFailedError(
@@ -385,7 +439,7 @@ class Editor:
                 for l, w0 in originals.items():
                     ad.weight(l).copy_(w0)
             raise
-        return EditResult(
+        result = EditResult(
             config=c.replace(context_templates=tuple(templates)),
             requests=list(reqs),
             layers=tuple(layers),
@@ -394,9 +448,18 @@ class Editor:
             timings=timings,
             weight_names={l: ad.weight_name(l) for l in layers},
             transposed=ad.transposed,
+            keys=written_keys,
             _originals=originals,
             _adapter=ad,
+            _editor=self,
         )
+        if self.remember_keys:
+            # Only a complete edit is remembered (a failed apply leaves no trace).
+            for l, K in written_keys.items():
+                self._solvers[l].commit(K.to(self._solvers[l].A.device))
+            self._written.append((result, written_keys))
+        self._history.append(result)
+        return result
 
 
 def _average_keys(k_all: torch.Tensor, n: int, T: int) -> torch.Tensor:

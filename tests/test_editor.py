@@ -69,8 +69,8 @@ PHASES = [
     (editor_mod, "compute_targets", 0),
     (editor_mod, "keys_and_hidden", 0),
     (editor_mod, "keys_and_hidden", 1),
-    (linalg_mod, "memit_solve", 0),
-    (linalg_mod, "memit_solve", 1),
+    (linalg_mod.LayerSolver, "solve", 0),
+    (linalg_mod.LayerSolver, "solve", 1),
     (linalg_mod, "apply_update", 0),
     (linalg_mod, "apply_update", 1),
 ]
