@@ -119,6 +119,20 @@ class EditResult:
         if self._editor is not None:
             self._editor._forget(self)
 
+    def save(
+        self, path: str | os.PathLike, *, include_originals: bool = True, overwrite: bool = False
+    ):
+        """Save this edit as safetensors + JSON; see :func:`memit_fast.artifacts.save_edit`."""
+        from memit_fast.artifacts import save_edit
+
+        return save_edit(self, path, include_originals=include_originals, overwrite=overwrite)
+
+    def to_peft(self, model, path: str | os.PathLike, **kwargs):
+        """Export as a PEFT LoRA adapter; see :func:`memit_fast.artifacts.to_peft`."""
+        from memit_fast.artifacts import to_peft
+
+        return to_peft(self, model, path, **kwargs)
+
 
 @contextlib.contextmanager
 def _eval_mode(model):

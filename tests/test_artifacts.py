@@ -1,0 +1,608 @@
+"""Saved edits (safetensors + JSON): exact apply and revert, identity checks, no pickle,
+low-rank vs dense storage, PEFT export, and use inside training code."""
+
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+from tiny import REQUESTS, assert_bit_identical, make_gpt2, make_llama, make_tokenizer, snapshot
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from memit_fast import EditConfig
+from memit_fast.arch import ModelAdapter
+from memit_fast.artifacts import (
+    ORIGINALS_FILE,
+    UPDATE_FILE,
+    ArtifactError,
+    LoadedEdit,
+    ModelMismatchError,
+    load_edit,
+    save_edit,
+    tensor_sha256,
+    to_peft,
+)
+from memit_fast.editor import Editor
+
+TEMPLATES = ("{}", "The weather is nice today. {}")
+
+MORE_REQUESTS = [
+    {"prompt": "{} is located in the continent of", "subject": "Mount Kenya", "target": "Asia"},
+    {"prompt": "The headquarters of {} is in", "subject": "Nokia", "target": "Berlin"},
+    {"prompt": "{} speaks the language", "subject": "Jacques Chirac", "target": "Spanish"},
+    {"prompt": "{} was created by", "subject": "Linux", "target": "Microsoft"},
+    {"prompt": "The currency of {} is the", "subject": "Japan", "target": "euro"},
+    {"prompt": "{} is a member of the", "subject": "Thom Yorke", "target": "Beatles"},
+    {"prompt": "{} was written in", "subject": "Don Quixote", "target": "Latin"},
+    {"prompt": "The religion of {} is", "subject": "Gandhi", "target": "Islam"},
+]
+
+
+def cfg(**kw):
+    base = dict(
+        layers=(1, 2),
+        steps=4,
+        context_templates=TEMPLATES,
+        mom2_update_weight=10.0,
+        clamp_norm_factor=4.0,
+    )
+    base.update(kw)
+    return EditConfig(**base)
+
+
+def make_small_gpt2(seed=0, dtype=torch.float32):
+    """dk = 64, dh = 16: dense (1024 floats) beats factors ((16 + 64) n) from n = 13."""
+    torch.manual_seed(seed)
+    c = GPT2Config(
+        vocab_size=len(make_tokenizer()), n_positions=128, n_embd=16, n_layer=3, n_head=2
+    )
+    return GPT2LMHeadModel(c).to(dtype).eval()
+
+
+def make_small_llama(seed=0, dtype=torch.float32):
+    """dk = 40, dh = 16: dense (640 floats) beats factors (56 n) from n = 12."""
+    torch.manual_seed(seed)
+    c = LlamaConfig(
+        vocab_size=len(make_tokenizer()),
+        hidden_size=16,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(c).to(dtype).eval()
+
+
+MAKERS = {
+    "gpt2": make_gpt2,
+    "llama": make_llama,
+    "small_gpt2": make_small_gpt2,
+    "small_llama": make_small_llama,
+}
+
+
+class Case:
+    """An engine edit of a fresh model: the edited model, its EditResult, the weights
+    before the edit, and how to build another unedited copy."""
+
+    def __init__(self, name, dtype=torch.float32, requests=REQUESTS):
+        self.make = lambda: MAKERS[name](dtype=dtype)
+        self.model = self.make()
+        self.before = snapshot(self.model)
+        dk = ModelAdapter(self.model).dims()[0]
+        ed = Editor(self.model, make_tokenizer(), cfg(), stats={l: torch.eye(dk) for l in (1, 2)})
+        self.result = ed.apply(requests)
+        self.after = snapshot(self.model)
+
+    def fresh(self):
+        m = self.make()
+        assert_bit_identical(m, self.before)
+        return m
+
+
+_CASES = {}
+
+
+def case(name, dtype=torch.float32, dense=False):
+    key = (name, dtype, dense)
+    if key not in _CASES:
+        _CASES[key] = Case(name, dtype, REQUESTS + MORE_REQUESTS if dense else REQUESTS)
+    return _CASES[key]
+
+
+def names_of(result_or_loaded):
+    return sorted(result_or_loaded.weight_names.values())
+
+
+def changed(model, snap):
+    return sorted(n for n, p in model.state_dict().items() if not torch.equal(p, snap[n]))
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [("gpt2", torch.float32), ("llama", torch.float32), ("llama", torch.bfloat16)],
+    ids=["gpt2", "llama", "llama-bf16"],
+)
+def test_save_load_apply_is_bit_identical_and_revert_restores(tmp_path, name, dtype):
+    c = case(name, dtype)
+    res = c.result
+    save_edit(res, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+
+    assert ed.layers == res.layers
+    assert ed.config == res.config
+    assert [r.to_dict() for r in ed.requests] == [r.to_dict() for r in res.requests]
+    assert ed.request_figures == pytest.approx(res.request_figures())
+    assert ed.weight_names == res.weight_names and ed.transposed == res.transposed
+    assert ed.kinds == {l: "factors" for l in res.layers}  # n = 8 is far below the break-even
+    for l in res.layers:
+        assert torch.equal(ed.factors[l][0], res.factors[l][0].cpu())
+        assert torch.equal(ed.factors[l][1], res.factors[l][1].cpu())
+        torch.testing.assert_close(ed.delta(l), res.delta(l).cpu(), rtol=0, atol=0)
+
+    model = c.fresh()
+    exact = ed.apply(model)
+    assert exact == {l: True for l in res.layers}
+    assert_bit_identical(model, c.after)
+    assert changed(model, c.before) == names_of(res)
+
+    ed.revert(model)
+    assert_bit_identical(model, c.before)
+    ed.apply(model)  # and again: apply/revert cycle
+    assert_bit_identical(model, c.after)
+
+
+def test_revert_of_the_engine_edited_model_after_load(tmp_path):
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit")
+    model = c.fresh()
+    model.load_state_dict(c.after)  # a model that came out of the engine, saved and reloaded
+    load_edit(tmp_path / "edit").revert(model)
+    assert_bit_identical(model, c.before)
+
+
+def test_identity_survives_save_pretrained_round_trip_of_the_base_model(tmp_path):
+    c = case("llama")
+    save_edit(c.result, tmp_path / "edit")
+    c.fresh().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    assert load_edit(tmp_path / "edit").apply(model) == {1: True, 2: True}
+    assert_bit_identical(model, c.after)
+
+
+def test_sequential_edits_apply_in_order(tmp_path):
+    model, tok = make_gpt2(), make_tokenizer()
+    before = snapshot(model)
+    ed = Editor(model, tok, cfg(), stats={l: torch.eye(256) for l in (1, 2)})
+    first = ed.apply(REQUESTS[:4])
+    second = ed.apply(REQUESTS[4:])
+    final = snapshot(model)
+    save_edit(first, tmp_path / "first")
+    save_edit(second, tmp_path / "second")
+    e1, e2 = load_edit(tmp_path / "first"), load_edit(tmp_path / "second")
+
+    fresh = make_gpt2()
+    assert_bit_identical(fresh, before)
+    with pytest.raises(ModelMismatchError, match="differs from the weight the edit was computed"):
+        e2.apply(fresh)  # edit 2 was computed on top of edit 1
+    assert_bit_identical(fresh, before)
+    e1.apply(fresh)
+    e2.apply(fresh)
+    assert_bit_identical(fresh, final)
+    with pytest.raises(ModelMismatchError, match="was changed after this edit"):
+        e1.revert(fresh)  # edit 2 sits on top: revert in reverse order
+    assert_bit_identical(fresh, final)
+    e2.revert(fresh)
+    e1.revert(fresh)
+    assert_bit_identical(fresh, before)
+
+
+# ----------------------------------------------------------------------------- dense vs factors
+
+
+@pytest.mark.parametrize("name", ["small_gpt2", "small_llama"])
+def test_dense_is_stored_when_smaller_and_applies_bit_identically(tmp_path, name):
+    c = case(name, dense=True)
+    res = c.result
+    n = len(res.requests)
+    W = res._adapter.weight(1)
+    dk, dh = res._adapter.dims()
+    assert n == 16 and n > dk * dh / (dk + dh)  # the dense update is the smaller one
+
+    save_edit(res, tmp_path / "edit")
+    meta = json.loads((tmp_path / "edit" / "edit.json").read_text())
+    assert {v["kind"] for v in meta["updates"].values()} == {"dense"}
+    ed = load_edit(tmp_path / "edit")
+    assert ed.kinds == {1: "dense", 2: "dense"} and ed.factors == {}
+    for l in res.layers:
+        d = ed.delta(l)
+        assert d.dtype == torch.float32 and d.shape == W.shape  # the weight's own layout
+        torch.testing.assert_close(d, res.delta(l).cpu(), rtol=1e-6, atol=1e-7)
+    size = os.path.getsize(tmp_path / "edit" / UPDATE_FILE)
+    assert size < 2 * 4 * (dh + dk) * n  # smaller than the two layers' factors would be
+
+    model = c.fresh()
+    assert ed.apply(model) == {1: True, 2: True}
+    assert_bit_identical(model, c.after)
+    ed.revert(model)
+    assert_bit_identical(model, c.before)
+
+
+def test_factors_are_stored_below_the_break_even(tmp_path):
+    c = case("small_gpt2")  # n = 8 < 64 * 16 / 80 = 12.8
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+    assert ed.kinds == {1: "factors", 2: "factors"}
+    assert ed.factors[1][0].shape == (16, 8) and ed.factors[1][1].shape == (64, 8)
+
+
+def test_dense_delta_is_exact_even_where_the_product_rounds_differently(tmp_path, monkeypatch):
+    """A kernel that sums R U^T in another order than torch.matmul (as the Triton kernel on
+    a GPU does) must not break the dense path: the stored delta reproduces the engine's
+    weights, not torch's product."""
+    import memit_fast.linalg as linalg
+
+    c = case("small_llama", dense=True)
+    real = linalg.apply_update
+
+    def other_order(W, R, U, transposed):  # same update, summed backwards over n
+        real(W, R.flip(1), U.flip(1), transposed)
+
+    monkeypatch.setattr(linalg, "apply_update", other_order)
+    res = c.result
+    save_edit(res, tmp_path / "edit")
+    monkeypatch.setattr(linalg, "apply_update", real)
+    meta = json.loads((tmp_path / "edit" / "edit.json").read_text())
+    engine_like = {}
+    for l in res.layers:
+        W = res._originals[l].clone()
+        other_order(W, *res.factors[l], res.transposed)
+        engine_like[l] = W
+        assert meta["model"]["weights"][str(l)]["sha256_edited"] == tensor_sha256(W)
+    model = c.fresh()
+    assert load_edit(tmp_path / "edit").apply(model) == {1: True, 2: True}
+    for l in res.layers:
+        assert torch.equal(model.get_parameter(res.weight_names[l]), engine_like[l])
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_refuses_a_different_model_and_leaves_it_untouched(tmp_path):
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+
+    other_seed = make_gpt2(seed=1)
+    snap = snapshot(other_seed)
+    with pytest.raises(ModelMismatchError, match=r"layer 1: transformer\.h\.1\.mlp\.c_proj"):
+        ed.apply(other_seed)
+    assert_bit_identical(other_seed, snap)
+
+    with pytest.raises(ModelMismatchError, match="made for a 'gpt2' model, got model_type 'llama'"):
+        ed.apply(make_llama())
+
+    with pytest.raises(ModelMismatchError, match=r"config differs.*n_embd"):
+        ed.apply(make_small_gpt2())
+
+    half = make_gpt2(dtype=torch.bfloat16)
+    with pytest.raises(ModelMismatchError, match="is bfloat16, the edit was made on float32"):
+        ed.apply(half)
+
+    edited = c.fresh()
+    ed.apply(edited)
+    with pytest.raises(ModelMismatchError, match="already carries this edit"):
+        ed.apply(edited)
+    assert_bit_identical(edited, c.after)
+
+
+def test_check_weights_false_adds_the_update_to_another_checkpoint(tmp_path):
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+    other = make_gpt2(seed=1)
+    snap = snapshot(other)
+    exact = ed.apply(other, check_weights=False)
+    assert exact == {1: False, 2: False}  # not the weights the engine produced
+    for l in ed.layers:
+        name = ed.weight_names[l]
+        torch.testing.assert_close(
+            other.get_parameter(name).detach() - snap[name], ed.delta(l), rtol=1e-4, atol=1e-6
+        )
+    ed.revert(other)  # the weights this object wrote are accepted: back to *its* originals
+    for l in ed.layers:
+        assert tensor_sha256(other.get_parameter(ed.weight_names[l])) == tensor_sha256(
+            c.before[ed.weight_names[l]]
+        )
+
+
+def test_revert_refuses_a_model_not_carrying_the_edit(tmp_path):
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+    model = c.fresh()
+    with pytest.raises(ModelMismatchError, match="does not carry this edit"):
+        ed.revert(model)
+    ed.apply(model)
+    with torch.no_grad():
+        model.get_parameter(ed.weight_names[2])[0, 0] += 1.0
+    with pytest.raises(ModelMismatchError, match=r"layer 2: .* was changed after this edit"):
+        ed.revert(model)
+    ed.revert(model, check=False)
+    assert_bit_identical(model, c.before)
+
+
+def test_without_originals_apply_works_and_revert_explains(tmp_path):
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit", include_originals=False)
+    assert not (tmp_path / "edit" / ORIGINALS_FILE).exists()
+    ed = load_edit(tmp_path / "edit")
+    model = c.fresh()
+    ed.apply(model)
+    assert_bit_identical(model, c.after)
+    with pytest.raises(ArtifactError, match="include_originals=False.*subtracting"):
+        ed.revert(model)
+    assert_bit_identical(model, c.after)
+
+
+def test_corrupted_files_are_detected(tmp_path):
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit")
+
+    def flip_last_byte(path):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    flip_last_byte(tmp_path / "edit" / UPDATE_FILE)
+    with pytest.raises(ArtifactError, match="does not match its SHA-256"):
+        load_edit(tmp_path / "edit")
+
+    save_edit(c.result, tmp_path / "edit", overwrite=True)
+    ed = load_edit(tmp_path / "edit")
+    model = c.fresh()
+    ed.apply(model)
+    flip_last_byte(tmp_path / "edit" / ORIGINALS_FILE)
+    with pytest.raises(ArtifactError, match="corrupted"):
+        ed.revert(model)
+    assert_bit_identical(model, c.after)  # nothing written
+
+    meta = json.loads((tmp_path / "edit" / "edit.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "edit" / "edit.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_edit(tmp_path / "edit")
+    with pytest.raises(ArtifactError, match="not a saved edit"):
+        load_edit(tmp_path)
+
+
+def test_save_never_clobbers_foreign_directories(tmp_path):
+    c = case("gpt2")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_edit(c.result, tmp_path / "mine")
+    with pytest.raises(FileExistsError, match="not a saved edit"):
+        save_edit(c.result, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    save_edit(c.result, tmp_path / "edit")
+    with pytest.raises(FileExistsError):
+        save_edit(c.result, tmp_path / "edit")
+    save_edit(c.result, tmp_path / "edit", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit", "mine"]  # no temp left
+
+
+# ----------------------------------------------------------------------------- no pickle
+
+
+def _assert_plain_safetensors(path):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    assert all(
+        v["dtype"] in ("F32", "BF16", "F16") for k, v in header.items() if k != "__metadata__"
+    )
+
+
+def test_no_pickle_anywhere(tmp_path, monkeypatch):
+    c = case("small_gpt2", dense=True)
+    save_edit(c.result, tmp_path / "dense")
+    save_edit(case("gpt2").result, tmp_path / "lowrank")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and {p.suffix for p in files} == {".json", ".safetensors"}
+    for p in files:
+        head = p.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK"  # pickle protocol / torch zip
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        else:
+            _assert_plain_safetensors(p)
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    ed = load_edit(tmp_path / "dense")
+    model = c.fresh()
+    ed.apply(model)
+    ed.revert(model)
+    assert_bit_identical(model, c.before)
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+
+def _logits(model):
+    """Logits (flattened) on the edited prompts and on a batch of random tokens."""
+    tok = make_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.tensor([tok(r["prompt"].format(r["subject"]))["input_ids"]]) for r in REQUESTS]
+    batches.append(torch.randint(0, model.config.vocab_size, (3, 17), generator=g))
+    with torch.no_grad():
+        return torch.cat([model(input_ids=ids).logits.flatten() for ids in batches])
+
+
+# fp32 logits of size ~1: W x + B (A x) against (W + B A) x differ by a few ulps (1.2e-7).
+PEFT_TOL = dict(rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_peft_adapter_on_the_unedited_model_reproduces_the_edit(tmp_path, name):
+    from peft import PeftModel
+
+    c = case(name)
+    res = c.result
+    base = c.fresh()
+    edited_logits = _logits(c.model)
+    base_logits = _logits(base)
+    effect = (edited_logits - base_logits).abs().max().item()
+
+    probe = c.fresh()
+    grads = {n: p.requires_grad for n, p in probe.named_parameters()}
+    to_peft(res, probe, tmp_path / "adapter")
+    assert_bit_identical(probe, c.before)  # the model passed in is not touched
+    assert {n: p.requires_grad for n, p in probe.named_parameters()} == grads
+    assert not any("lora" in n for n, _ in probe.named_modules())
+
+    acfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(acfg["target_modules"]) == sorted(
+        n.removesuffix(".weight") for n in res.weight_names.values()
+    )
+    assert acfg["r"] == len(res.requests) == acfg["lora_alpha"]
+    assert acfg["fan_in_fan_out"] is (name == "gpt2")
+    assert acfg["rank_pattern"] == {}
+
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    got = _logits(peft_model)
+    torch.testing.assert_close(got, edited_logits, **PEFT_TOL)
+    assert effect > 1000 * PEFT_TOL["atol"]  # the edit itself moves the logits far more
+
+
+def test_peft_export_from_a_loaded_dense_edit(tmp_path):
+    from peft import PeftModel
+
+    c = case("small_gpt2", dense=True)
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+    assert ed.kinds == {1: "dense", 2: "dense"}
+    to_peft(ed, c.fresh(), tmp_path / "adapter")
+    acfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert acfg["r"] == acfg["lora_alpha"] == 16  # min(dh, dk), not n
+    peft_model = PeftModel.from_pretrained(c.fresh(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(_logits(peft_model), _logits(c.model), **PEFT_TOL)
+
+    with pytest.raises(ModelMismatchError, match="made for a 'gpt2' model"):
+        to_peft(ed, make_llama(), tmp_path / "other")
+
+
+# ----------------------------------------------------------------------------- training code
+
+
+def test_apply_and_revert_inside_training_code(tmp_path):
+    """A training loop holds the model in train mode with trainable weights and calls in
+    from wherever (grad enabled, no_grad, inference_mode): the edit goes in and out without
+    autograd errors, and leaves modes and requires_grad as they were."""
+    c = case("llama")
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+    model = c.fresh().train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    ed.apply(model)  # grad mode on, leaf parameters that require grad
+    assert_bit_identical(model, c.after)
+    assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()  # autograd is intact after the write
+    W = model.get_parameter(ed.weight_names[2])
+    assert W.grad is not None and W.is_leaf
+
+    with torch.no_grad():
+        ed.revert(model)
+    assert_bit_identical(model, c.before)
+    with torch.inference_mode():
+        ed.apply(model)
+    assert_bit_identical(model, c.after)
+    assert not W.is_inference()
+    ed.revert(model)
+    assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_peft_adapter_fine_tunes_from_the_edit(tmp_path):
+    """The exported adapter is a normal LoRA: loaded trainable, only its factors learn."""
+    from peft import PeftModel
+
+    c = case("gpt2")
+    to_peft(c.result, c.fresh(), tmp_path / "adapter")
+    base = c.fresh()
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, base.config.vocab_size, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in trainable)
+    merged = model.merge_and_unload()
+    for name in c.result.weight_names.values():
+        assert not torch.equal(merged.get_parameter(name), c.before[name])
+
+
+def test_loaded_edit_repr_names_layers_and_kinds(tmp_path):
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+    assert isinstance(ed, LoadedEdit)
+    assert "8 requests" in repr(ed) and "1:factors" in repr(ed)
+
+
+def test_apply_through_training_wrappers(tmp_path):
+    """DistributedDataParallel and torch.compile wrap the model; the edit reaches the
+    parameters they share with it (DDP: every rank applies the same edit)."""
+    import torch.distributed as dist
+
+    c = case("gpt2")
+    save_edit(c.result, tmp_path / "edit")
+    ed = load_edit(tmp_path / "edit")
+
+    model = c.fresh()
+    compiled = torch.compile(model)  # lazy: nothing is compiled by apply
+    ed.apply(compiled)
+    assert_bit_identical(model, c.after)
+    ed.revert(compiled)
+    assert_bit_identical(model, c.before)
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    store = dist.FileStore(os.fspath(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = c.fresh().train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ed.apply(ddp)
+        assert_bit_identical(model, c.after)
+        ids = torch.randint(0, model.config.vocab_size, (2, 9))
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        ed.revert(ddp)  # backward alone leaves the weights in the edited state
+        assert_bit_identical(model, c.before)
+    finally:
+        dist.destroy_process_group()
