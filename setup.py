@@ -1,24 +1,97 @@
 """Build script: the Python package, the Triton kernels (as ``memit_fast.kernels``) and,
 optionally, the C++/CUDA extension ``memit_fast._C``.
 
-Environment knobs:
-  MEMIT_FAST_NO_EXT=1   pure-Python install (no extension)
+The extension's CPU kernels are built wherever a C++ compiler is found; its CUDA kernels
+are added when the installed torch is a CUDA build and nvcc is found. Environment knobs:
+
+  MEMIT_FAST_NO_EXT=1        pure-Python install (no extension; the torch references serve)
+  MEMIT_FAST_NO_CUDA=1       build the CPU kernels only, even where CUDA is available
+  MEMIT_FAST_CUDA_ARCH=9.0   CUDA architectures (else TORCH_CUDA_ARCH_LIST, else torch's
+                             choice for the GPUs it sees), e.g. "8.0;9.0"
+  MAX_JOBS=N                 parallel compile jobs (read by torch's ninja build)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import sysconfig
 
 from setuptools import setup
 
 PACKAGES = ["memit_fast", "memit_fast.testing", "memit_fast.kernels"]
 PACKAGE_DIR = {"memit_fast.kernels": "kernels"}
+CSRC = os.path.join("csrc")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(
+        f"memit_fast: cannot build the extension memit_fast._C: {message}. "
+        "Install the missing tool, or set MEMIT_FAST_NO_EXT=1 for a pure-Python install.\n"
+    )
+    raise SystemExit(1)
 
 
 def ext_modules_and_cmdclass():
-    if os.environ.get("MEMIT_FAST_NO_EXT", "0") == "1":
+    if _flag("MEMIT_FAST_NO_EXT"):
         return [], {}
-    return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _fail(
+            "torch is not importable in the build environment (pip install torch first, "
+            "then install with --no-build-isolation)"
+        )
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    if shutil.which(cxx.split()[0]) is None:
+        _fail(f"no C++ compiler found (looked for {cxx.split()[0]!r})")
+
+    sources = [os.path.join(CSRC, "linalg.cpp"), os.path.join(CSRC, "ops.cpp")]
+    define = [
+        ("MEMIT_FAST_PYTHON_MODULE", None),
+        ("MEMIT_FAST_TORCH_VERSION", f'"{torch.__version__}"'),
+    ]
+    cxx_flags = ["-O3", "-std=c++20"]
+    with_cuda = not _flag("MEMIT_FAST_NO_CUDA") and torch.version.cuda is not None
+    if with_cuda and cpp_extension.CUDA_HOME is None:
+        sys.stderr.write(
+            "memit_fast: torch is a CUDA build but nvcc was not found (set CUDA_HOME): "
+            "building the CPU kernels of memit_fast._C only.\n"
+        )
+        with_cuda = False
+    if with_cuda:
+        arch = os.environ.get("MEMIT_FAST_CUDA_ARCH")
+        if arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "torch default")
+        define += [
+            ("MEMIT_FAST_CUDA_VERSION", f'"{torch.version.cuda}"'),
+            ("MEMIT_FAST_CUDA_ARCHS", f'"{archs}"'),
+        ]
+        sources.append(os.path.join(CSRC, "cuda", "ops_cuda.cu"))
+        ext = cpp_extension.CUDAExtension(
+            "memit_fast._C",
+            sources,
+            define_macros=define,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "memit_fast._C",
+            sources,
+            define_macros=define,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    build_ext = cpp_extension.BuildExtension.with_options(
+        use_ninja=shutil.which("ninja") is not None
+    )
+    return [ext], {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()

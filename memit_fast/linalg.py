@@ -1,17 +1,316 @@
 """The solve of MEMIT's layer update, behind one interface.
 
-``U = (lambda C + K K^T)^-1 K`` and ``W += R U^T``. Plain torch references live here; the
-C++ extension (``memit_fast._C``) and the Triton kernels (``memit_fast.kernels``) plug in
-behind the same functions.
+``U = (lambda C + K K^T)^-1 K`` and ``W += R U^T``. The system matrix is factored once per
+layer (Cholesky, in mixed precision), the factor is updated when keys are added, and
+every solve is refined against the exact float64 matrix, so ``U`` is float64-accurate
+whatever precision the factor was computed in.
+
+Each op has a plain torch reference of the same signature (``torch_cholesky`` beside
+``cholesky`` …). The dispatching functions use the C++/CUDA extension ``memit_fast._C``
+when it is loaded and registers a kernel for the tensors' device, the reference
+otherwise; ``use_ext=False`` forces the reference, ``use_ext=True`` insists on the
+extension. ``LayerSolver`` is what the engine holds per layer.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
+
+from memit_fast import _ext
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
+"""Trailing-update precisions of the factorization, from the most to the least accurate."""
+
+_ALIASES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16"}
+
+DEFAULT_REFINE_STEPS = 10
+
+UPDATE_COST = 1.5
+"""Cost of the blocked update per ``2 n dk^2`` flops relative to the factorization's per
+flop (panels and compact WY products; measured with benchmarks/bench_linalg.py: at
+dk = 1536 on the CPU the update beats refactoring 3.4x at n = 100 and 1.7x at n = 400)."""
+
+AUTO_MAX_STEPS = 3
+"""``precision="auto"`` takes a reduced precision only if its refinement reaches float64
+accuracy within this many corrections: each costs a float64 residual (``2 dk^2 n``
+flops) and a pair of triangular solves, which soon outweighs the cheaper factorization
+(see benchmarks/bench_linalg.py and the precision-selection notes there)."""
 
 
 class IllConditionedError(RuntimeError):
     """The system ``lambda C + K K^T`` is not positive definite at working precision."""
+
+
+def _canonical(precision: str) -> str:
+    p = _ALIASES.get(precision, precision)
+    if p not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return p
+
+
+def _factor_dtype(precision: str) -> torch.dtype:
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+def _not_pd_message(column: int, n: int, precision: str, what: str = "the matrix") -> str:
+    return (
+        f"{what} is not positive definite: non-positive pivot at column {column} of {n} "
+        f"(0-based, trailing precision {precision}). For MEMIT's lambda*C + K K^T: use a "
+        "larger lambda (mom2_update_weight), more statistics samples, or a higher precision"
+    )
+
+
+def _use_ext(op: str, device: torch.device, use_ext: bool | None) -> bool:
+    if use_ext is False:
+        return False
+    ok = _ext.has_kernel(op, device)
+    if use_ext and not ok:
+        raise RuntimeError(
+            f"memit_fast._C has no {op} kernel for {device.type} tensors (build info: "
+            f"{_ext.build_info()}); build it with `pip install --no-build-isolation -e .`"
+        )
+    return ok
+
+
+def _check_square(A: torch.Tensor, op: str, name: str) -> None:
+    if A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"{op}: {name} must be a square matrix, got shape {tuple(A.shape)}")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: {name} must be float32 or float64, got {A.dtype}")
+
+
+def _check_rows(X: torch.Tensor, n: int, op: str, name: str, dims: tuple[int, ...]) -> None:
+    if X.dim() not in dims or X.shape[0] != n:
+        raise ValueError(f"{op}: {name} must have {n} rows, got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating-point tensor, got {X.dtype}")
+
+
+def _check_finite(X: torch.Tensor, op: str, name: str) -> None:
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{op}: {name} contains NaN or Inf")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def torch_cholesky(
+    A: torch.Tensor, precision: str = "fp32", *, check_errors: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``cholesky``: ``torch.linalg.cholesky_ex`` in the factor's dtype.
+
+    Args:
+        A: ``(n, n)`` float32/float64, symmetric positive definite (lower triangle read).
+        precision: ``fp64`` factors in float64; ``fp32``, ``tf32`` and ``bf16`` in float32
+            (the reference has no reduced-precision trailing updates).
+    Returns:
+        ``L (n, n)`` lower triangular (float64 for ``fp64``, else float32) and ``info``,
+        an int32 scalar: 0, or the order of the first leading minor that is not PD.
+    """
+    precision = _canonical(precision)
+    _check_square(A, "torch_cholesky", "A")
+    _check_finite(A, "torch_cholesky", "A")
+    L, info = torch.linalg.cholesky_ex(A.to(_factor_dtype(precision)))
+    k = int(info)
+    if k > 0:
+        if check_errors:
+            raise IllConditionedError(_not_pd_message(k - 1, A.shape[0], precision))
+        L = L.tril()
+    return L, info.to(torch.int32)
+
+
+def torch_cholesky_update(L: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Reference of ``cholesky_update``: refactors ``L L^T + K K^T`` in float64.
+
+    Args: L ``(n, n)`` lower triangular float32/float64; K ``(n, k)``.
+    Returns: the factor ``(n, n)`` in ``L.dtype``.
+    """
+    _check_square(L, "torch_cholesky_update", "L")
+    _check_rows(K, L.shape[0], "torch_cholesky_update", "K", (2,))
+    if K.shape[1] == 0:
+        return L.tril()
+    L64, K64 = L.to(torch.float64).tril(), K.to(torch.float64)
+    return torch.linalg.cholesky(L64 @ L64.T + K64 @ K64.T).to(L.dtype)
+
+
+def backward_error_tol(n: int) -> float:
+    """``sqrt(n) * 2^-53``: the normwise backward error bound of a float64 solve, at which
+    a refined solve counts as converged (LAPACK dsposv's test)."""
+    return math.sqrt(max(n, 1)) * torch.finfo(torch.float64).eps / 2
+
+
+def _backward_error(R: torch.Tensor, X: torch.Tensor, norm_m: float) -> float:
+    r, x = R.abs().amax(dim=0), X.abs().amax(dim=0) * norm_m
+    return float(torch.where(r == 0, torch.zeros_like(r), r / x).max())
+
+
+def _refine(
+    L: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    K: torch.Tensor | None,
+    refine_steps: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    A64, B64 = A.to(torch.float64), B.to(torch.float64)
+    K64 = None if K is None else K.to(torch.float64)
+    norm_m = float(A64.abs().sum(1).max())  # ||A + K K^T||_inf, bounded
+    if K64 is not None and K64.numel():
+        norm_m += float(K64.abs().sum(1).max()) * float(K64.abs().sum(0).max())
+    stop = tol if tol > 0 else torch.finfo(torch.float64).eps / 2
+    X = torch.cholesky_solve(B.to(L.dtype), L).to(torch.float64)
+    D = torch.zeros_like(X)
+    history: list[float] = []
+    step = 0
+    while True:
+        R = torch.addmm(B64, A64, X, alpha=-1)  # float64 residual
+        if K64 is not None:
+            R.addmm_(K64, K64.T @ X, alpha=-1)
+        eta = _backward_error(R, X, norm_m)
+        if history and not eta < history[-1]:
+            X -= D  # the last correction made it worse: undo it
+            history.append(history[-1])
+            break
+        history.append(eta)
+        if eta <= stop or step == refine_steps:
+            break
+        if step > 0:  # linear convergence at the rate seen cannot get there in time
+            if eta * (eta / history[-2]) ** (refine_steps - step) > stop:
+                break
+        D = torch.cholesky_solve(R.to(L.dtype), L).to(torch.float64)
+        X += D
+        step += 1
+    return X, torch.tensor(history, dtype=torch.float64)
+
+
+def torch_cholesky_solve(
+    L: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor | None = None,
+    K: torch.Tensor | None = None,
+    refine_steps: int = DEFAULT_REFINE_STEPS,
+    tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``cholesky_solve``: ``X = (L L^T)^-1 B``, refined when ``A`` is given.
+
+    Args:
+        L: ``(n, n)`` lower triangular float32/float64 factor.
+        B: ``(n,)`` or ``(n, m)`` right-hand sides.
+        A: ``(n, n)`` the exact system matrix (with ``K``: ``A + K K^T``), or ``None``.
+        K: ``(n, k)`` low-rank part of the system matrix, or ``None``.
+        refine_steps: at most this many corrections.
+        tol: stop when every column's normwise backward error
+            ``||r||_inf / (||M||_inf ||x||_inf)`` is below this (0: ``2^-53``, what a float64
+            solve typically attains; ``converged`` accepts ``backward_error_tol(n)``).
+    Returns:
+        ``X`` (float64 when refined, else ``L.dtype``; shaped like ``B``) and ``history``
+        ``(steps + 1,)`` float64 on the CPU: the backward error of each iterate, the last
+        being that of ``X``. A correction that makes it worse is undone; refinement also
+        stops when the rate seen so far cannot reach ``tol`` in the steps left.
+    """
+    op = "torch_cholesky_solve"
+    _check_square(L, op, "L")
+    n = L.shape[0]
+    _check_rows(B, n, op, "B", (1, 2))
+    _check_finite(B, op, "B")
+    if refine_steps < 0:
+        raise ValueError(f"{op}: refine_steps must be >= 0, got {refine_steps}")
+    if K is not None and A is None:
+        raise ValueError(f"{op}: K (the low-rank part of the system matrix) needs A as well")
+    if A is not None:
+        _check_square(A, op, "A")
+        if A.shape[0] != n:
+            raise ValueError(f"{op}: A must be ({n}, {n}) to match L, got {tuple(A.shape)}")
+    if K is not None:
+        _check_rows(K, n, op, "K", (2,))
+    B2 = B.unsqueeze(1) if B.dim() == 1 else B
+    if A is None:
+        X, history = torch.cholesky_solve(B2.to(L.dtype), L), torch.empty(0, dtype=torch.float64)
+    else:
+        X, history = _refine(L, B2, A, K, refine_steps, tol)
+    return (X.squeeze(1) if B.dim() == 1 else X), history
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def cholesky(
+    A: torch.Tensor,
+    precision: str = "fp32",
+    *,
+    block_size: int = 0,
+    check_errors: bool = True,
+    use_ext: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factor of the SPD ``A (n, n)`` float32/float64: ``(L, info)``.
+
+    Blocked right-looking: panels in float32 (float64 for ``precision="fp64"``), trailing
+    updates in ``precision`` (``fp64``, ``fp32``, ``tf32`` or ``bf16``; the last two use a
+    CUDA GPU's tensor cores). ``L`` is float64 for ``fp64``, float32 otherwise. A
+    non-positive pivot raises ``IllConditionedError`` naming the column, or with
+    ``check_errors=False`` returns ``info > 0`` (the order of the failing minor).
+    """
+    precision = _canonical(precision)
+    if _use_ext("cholesky", A.device, use_ext):
+        L, info = torch.ops.memit_fast.cholesky(A, precision, block_size, False)
+    else:
+        L, info = torch_cholesky(A, precision, check_errors=False)
+    k = int(info)
+    if check_errors and k > 0:
+        raise IllConditionedError(_not_pd_message(k - 1, A.shape[0], precision))
+    return L, info
+
+
+def cholesky_update(
+    L: torch.Tensor, K: torch.Tensor, *, block_size: int = 0, use_ext: bool | None = None
+) -> torch.Tensor:
+    """Factor of ``L L^T + K K^T`` for ``L (n, n)`` lower triangular with a positive
+    diagonal (float32/float64) and ``K (n, k)``, in ``L.dtype``: a blocked Householder
+    update at ``O(n^2 k)``, not a refactorization (the reference refactors)."""
+    if _use_ext("cholesky_update", L.device, use_ext):
+        return torch.ops.memit_fast.cholesky_update(L, K, block_size)
+    return torch_cholesky_update(L, K)
+
+
+def cholesky_solve(
+    L: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor | None = None,
+    K: torch.Tensor | None = None,
+    refine_steps: int = DEFAULT_REFINE_STEPS,
+    tol: float = 0.0,
+    *,
+    use_ext: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X = (L L^T)^-1 B`` for many right-hand sides; with ``A`` given, refined with
+    float64 residuals against ``A (+ K K^T)`` to float64 accuracy. Returns ``(X, history)``;
+    see ``torch_cholesky_solve``."""
+    if _use_ext("cholesky_solve", L.device, use_ext):
+        return torch.ops.memit_fast.cholesky_solve(L, B, A, K, refine_steps, tol)
+    return torch_cholesky_solve(L, B, A, K, refine_steps, tol)
+
+
+def converged(history: torch.Tensor, n: int, tol: float = 0.0) -> bool:
+    """Whether a refinement history (``cholesky_solve``'s second output, system of order
+    ``n``) ended at the backward error of a float64 solve."""
+    stop = tol if tol > 0 else backward_error_tol(n)
+    return history.numel() > 0 and float(history[-1]) <= stop
+
+
+def candidate_precisions(device: torch.device | str) -> tuple[str, ...]:
+    """Trailing precisions worth trying on ``device``, the cheapest first: the tensor-core
+    formats on CUDA; on the CPU, tf32 and bf16 are no faster than fp32."""
+    if torch.device(device).type == "cuda":
+        return ("bf16", "tf32", "fp32", "fp64")
+    return ("fp32", "fp64")
+
+
+# ----------------------------------------------------------------------------- solves
 
 
 def torch_memit_solve(C: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Tensor:
@@ -35,9 +334,239 @@ def torch_memit_solve(C: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Ten
     return torch.cholesky_solve(Kd, L)
 
 
-def memit_solve(C: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Tensor:
-    """``U = (lam C + K K^T)^-1 K`` to float64 accuracy; ``(dk, n)`` float64."""
-    return torch_memit_solve(C, K, lam)
+def _accept(history: torch.Tensor, n: int, precision: str, auto: bool) -> bool:
+    """Converged, and (for ``auto``, below fp64) in at most ``AUTO_MAX_STEPS`` corrections."""
+    if not converged(history, n):
+        return False
+    return not auto or precision == "fp64" or history.numel() - 1 <= AUTO_MAX_STEPS
+
+
+def _refined_solve(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    precisions: tuple[str, ...],
+    *,
+    auto: bool,
+    what: str,
+    refine_steps: int,
+    block_size: int,
+    use_ext: bool | None,
+) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """Factor the float64 ``A`` at the first of ``precisions`` whose refinement is
+    accepted and solve ``A X = B``; returns ``(X float64, precision, history)``."""
+    failures = []
+    for p in precisions:
+        L, info = cholesky(A, p, block_size=block_size, check_errors=False, use_ext=use_ext)
+        if int(info) > 0:
+            failures.append(_not_pd_message(int(info) - 1, A.shape[0], p, what))
+            continue
+        X, history = cholesky_solve(L, B, A, None, refine_steps, use_ext=use_ext)
+        if _accept(history, A.shape[0], p, auto):
+            return X, p, history
+        failures.append(f"{p}: refinement backward errors {history.tolist()}")
+    raise IllConditionedError("; ".join(failures))
+
+
+def memit_solve(
+    C: torch.Tensor,
+    K: torch.Tensor,
+    lam: float,
+    *,
+    precision: str = "auto",
+    use_ext: bool | None = None,
+) -> torch.Tensor:
+    """``U = (lam C + K K^T)^-1 K`` to float64 accuracy; ``(dk, n)`` float64.
+
+    One-shot: factors ``lam C + K K^T`` at the cheapest precision whose refinement
+    converges (``precision="auto"``) or at the given one, falling back to fp64.
+    ``LayerSolver`` keeps the factor between calls instead.
+    """
+    K64 = K.to(C.device, torch.float64)
+    A = lam * C.to(torch.float64)
+    A.addmm_(K64, K64.T)
+    X, _, _ = _refined_solve(
+        A,
+        K64,
+        _precision_ladder(precision, C.device),
+        auto=precision == "auto",
+        what="lambda*C + K K^T",
+        refine_steps=DEFAULT_REFINE_STEPS,
+        block_size=0,
+        use_ext=use_ext,
+    )
+    return X
+
+
+def _precision_ladder(precision: str, device: torch.device) -> tuple[str, ...]:
+    """The precisions to try, in order: the candidates for ``auto``, else the given one
+    and then fp64 (a solve never returns less than float64 accuracy)."""
+    if precision == "auto":
+        return candidate_precisions(device)
+    p = _canonical(precision)
+    return (p,) if p == "fp64" else (p, "fp64")
+
+
+class LayerSolver:
+    """The solve of one edited layer: ``U = (lam C + K_c K_c^T + K K^T)^-1 K``.
+
+    Holds the exact float64 system matrix ``A = lam C + K_c K_c^T`` of the keys
+    committed so far and a Cholesky factor of it at ``precision``. ``solve(K)`` adds the
+    new keys to the factor by an update (few keys) or a refactorization (many), chosen by
+    cost, and refines against ``A + K K^T`` to float64 accuracy; ``commit(K)`` folds keys
+    into ``A`` and the factor for good (sequential editing).
+
+    Args:
+        C: ``(dk, dk)`` second moment of the keys (float32/float64).
+        lam: lambda (``mom2_update_weight``), > 0.
+        precision: trailing precision of the factor, or ``"auto"``: the cheapest of
+            ``candidate_precisions(C.device)`` whose refinement reaches float64 accuracy
+            on this matrix within ``AUTO_MAX_STEPS`` corrections (measured on a probe
+            solve; the backward errors are recorded in ``selection``).
+        name: names the layer in error messages (``"layer 17"``).
+        refine_steps: at most this many refinement steps per solve.
+        block_size: block size of the extension's kernels (0: the device's default).
+        use_ext: ``None`` uses the extension when loaded, ``False`` the torch references.
+    Raises:
+        IllConditionedError: ``lam C`` is not positive definite even in float64.
+    """
+
+    def __init__(
+        self,
+        C: torch.Tensor,
+        lam: float,
+        *,
+        precision: str = "auto",
+        name: str = "",
+        refine_steps: int = DEFAULT_REFINE_STEPS,
+        block_size: int = 0,
+        use_ext: bool | None = None,
+    ) -> None:
+        if C.dim() != 2 or C.shape[0] != C.shape[1]:
+            raise ValueError(f"{name or 'LayerSolver'}: C must be square, got {tuple(C.shape)}")
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"{name or 'LayerSolver'}: lambda must be finite and > 0, got {lam}")
+        self.lam = float(lam)
+        self.name = name
+        self.refine_steps = refine_steps
+        self.block_size = block_size
+        self.use_ext = use_ext
+        self.n_committed = 0
+        self.A = self.lam * C.to(torch.float64)
+        self.selection: dict[str, list[float] | str] = {}
+        what = f"{name + ': ' if name else ''}lambda*C"
+        probe = torch.randn(
+            C.shape[0], 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        ).to(C.device)
+        failures = []
+        for p in _precision_ladder(precision, C.device):
+            L, info = cholesky(
+                self.A, p, block_size=block_size, check_errors=False, use_ext=use_ext
+            )
+            if int(info) > 0:
+                self.selection[p] = f"pivot failed at column {int(info) - 1}"
+                failures.append(_not_pd_message(int(info) - 1, C.shape[0], p, what))
+                continue
+            _, history = cholesky_solve(L, probe, self.A, None, refine_steps, use_ext=use_ext)
+            self.selection[p] = history.tolist()
+            if _accept(history, self.dk, p, precision == "auto"):
+                self.precision, self.L = p, L
+                break
+            failures.append(f"{p}: refinement backward errors {history.tolist()}")
+        else:
+            raise IllConditionedError("; ".join(failures))
+        log.debug("%s: factor precision %s (probe %s)", what, self.precision, self.selection)
+
+    @property
+    def dk(self) -> int:
+        return self.A.shape[0]
+
+    def prefers_update(self, n: int) -> bool:
+        """Whether adding ``n`` keys by an update is cheaper than refactoring: the update
+        costs ``UPDATE_COST * 2 n dk^2``, a refactorization ``dk^3 / 3`` plus forming
+        ``A + K K^T`` (``2 n dk^2``)."""
+        dk = self.dk
+        return UPDATE_COST * 2 * n * dk * dk < dk**3 / 3 + 2 * n * dk * dk
+
+    def solve(self, K: torch.Tensor) -> torch.Tensor:
+        """``U (dk, n)`` float64 with ``(A + K K^T) U = K`` for keys ``K (dk, n)``; the
+        solver's state is unchanged."""
+        if K.dim() != 2 or K.shape[0] != self.dk:
+            raise ValueError(f"{self._who()}: K must be ({self.dk}, n), got {tuple(K.shape)}")
+        K64 = K.to(self.A.device, torch.float64)
+        if K64.shape[1] == 0:
+            return K64.clone()
+        if self.prefers_update(K64.shape[1]):
+            L = cholesky_update(self.L, K64, block_size=self.block_size, use_ext=self.use_ext)
+            X, history = cholesky_solve(
+                L, K64, self.A, K64, self.refine_steps, use_ext=self.use_ext
+            )
+            if converged(history, self.dk):
+                return X
+            log.info("%s: refinement on the updated factor stalled %s", self._who(), history)
+        # Refactor the whole system (its own precision ladder ends in fp64).
+        A = torch.addmm(self.A, K64, K64.T)
+        X, p, _ = _refined_solve(
+            A,
+            K64,
+            _precision_ladder(self.precision, A.device),
+            auto=False,
+            what=f"{self._who()}: lambda*C + K K^T",
+            refine_steps=self.refine_steps,
+            block_size=self.block_size,
+            use_ext=self.use_ext,
+        )
+        if p != self.precision:
+            log.warning("%s: solved at %s, not %s", self._who(), p, self.precision)
+        return X
+
+    def commit(self, K: torch.Tensor) -> None:
+        """Fold keys ``K (dk, n)`` into the system for good: ``A += K K^T`` and the factor
+        is updated (never refactored)."""
+        if K.dim() != 2 or K.shape[0] != self.dk:
+            raise ValueError(f"{self._who()}: K must be ({self.dk}, n), got {tuple(K.shape)}")
+        K64 = K.to(self.A.device, torch.float64)
+        self.L = cholesky_update(self.L, K64, block_size=self.block_size, use_ext=self.use_ext)
+        self.A.addmm_(K64, K64.T)
+        self.n_committed += K64.shape[1]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors (for safetensors): ``A (dk, dk)`` float64, ``L (dk, dk)``,
+        ``lam``, ``n_committed`` and ``precision`` (index into ``PRECISIONS``)."""
+        return {
+            "A": self.A,
+            "L": self.L,
+            "lam": torch.tensor([self.lam], dtype=torch.float64),
+            "n_committed": torch.tensor([self.n_committed], dtype=torch.int64),
+            "precision": torch.tensor([PRECISIONS.index(self.precision)], dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        *,
+        name: str = "",
+        refine_steps: int = DEFAULT_REFINE_STEPS,
+        block_size: int = 0,
+        use_ext: bool | None = None,
+    ) -> LayerSolver:
+        """The solver that ``state_dict`` saved, without refactoring."""
+        missing = {"A", "L", "lam", "n_committed", "precision"} - set(state)
+        if missing:
+            raise KeyError(f"LayerSolver state lacks {sorted(missing)}")
+        self = cls.__new__(cls)
+        self.A = state["A"].to(torch.float64)
+        self.L = state["L"].to(self.A.device)
+        self.lam = float(state["lam"][0])
+        self.n_committed = int(state["n_committed"][0])
+        self.precision = PRECISIONS[int(state["precision"][0])]
+        self.name, self.refine_steps = name, refine_steps
+        self.block_size, self.use_ext = block_size, use_ext
+        self.selection = {}
+        return self
+
+    def _who(self) -> str:
+        return self.name or "LayerSolver"
 
 
 def apply_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:

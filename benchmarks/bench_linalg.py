@@ -1,0 +1,158 @@
+"""Benchmark of MEMIT's layer solve: factor, update and refined solve.
+
+For each key width ``dk`` and batch ``n`` it times, on one device:
+
+- ``published``: ``torch.linalg.solve`` in float64 of ``(lam C + K K^T) U = K`` (the
+  published code's path, forming the matrix included);
+- ``torch_cholesky_fp64`` / ``torch_cholesky_fp32``: ``torch.linalg.cholesky`` of ``lam C``;
+- ``cholesky_<p>``: memit_fast's blocked factor of ``lam C`` at trailing precision ``p``;
+- ``update`` vs ``refactor``: adding ``K K^T`` to a cached factor by ``cholesky_update``
+  against refactoring ``lam C + K K^T`` (forming included) at the factor's precision;
+- ``layer_solve``: ``LayerSolver.solve(K)`` on a cached factor (update or refactor by
+  cost, refinement to float64 accuracy) — what the engine pays per layer and batch;
+- ``memit_solve``: the one-shot refined solve (factor + refinement);
+
+and the relative difference of the refined solutions from the float64 solve. Rows go to
+``benchmarks/results/bench_linalg.csv`` (or ``$OUT``) through the shared harness.
+
+    python benchmarks/bench_linalg.py --device cpu --dk 1536 --n 100,1000,10000
+    python benchmarks/bench_linalg.py --device cuda            # dk 1536,6400,16384
+    python benchmarks/bench_linalg.py --stats C.safetensors    # real statistics: tensor "C"
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness  # noqa: E402
+from memit_fast import _ext  # noqa: E402
+from memit_fast import linalg as la  # noqa: E402
+
+LAM = 15000.0
+
+
+def synthetic_stats(dk: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``(dk, dk)`` fp32 second moment of keys whose scales decay over 2.5 decades (a
+    condition number of about 1e5, like the statistics of small real models)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    X = torch.randn(dk, dk, generator=g).to(device)
+    X *= torch.logspace(0, -2.5, dk, device=device)
+    return (X @ X.T) / dk + 1e-7 * torch.eye(dk, device=device)
+
+
+def keys(dk: int, n: int, C: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """``(dk, n)`` fp32 keys of the size real keys have next to ``C`` (norm^2 ~ trace C)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    K = torch.randn(dk, n, generator=g).to(C.device)
+    return K * math.sqrt(float(torch.trace(C)) / dk)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+class Bench:
+    def __init__(self, device: torch.device, rep: int, use_ext: bool | None) -> None:
+        self.device, self.rep, self.use_ext = device, rep, use_ext
+        on = _ext.has_kernel("cholesky", device) and use_ext is not False
+        self.path = "ext" if on else "reference"
+        self.dev = harness.device_name(device)
+        self.rows: list[dict[str, object]] = []
+
+    def record(self, dk: int, n, variant: str, metric: str, value: float, unit: str) -> None:
+        self.rows.append(
+            harness.make_row(
+                device=self.dev,
+                benchmark="bench_linalg",
+                model=self.path,
+                dtype="float64",
+                n=n,
+                shape=f"dk={dk}",
+                variant=variant,
+                metric=metric,
+                value=value,
+                unit=unit,
+            )  # fmt: skip
+        )
+        print(f"dk={dk:>6} n={n!s:>6} {variant:<22} {metric:<14} {value:.4g} {unit}", flush=True)
+
+    def timed(self, dk: int, n, variant: str, fn) -> tuple[float, object]:
+        out = []
+        t = harness.time_fn(lambda: out.append(fn()), self.device, warmup=1, rep=self.rep)
+        self.record(dk, n, variant, "median_ms", t["median_ms"], "ms")
+        return t["median_ms"], out[-1]
+
+    def factor(self, C: torch.Tensor) -> la.LayerSolver:
+        dk, A64, use_ext = C.shape[0], LAM * C.double(), self.use_ext
+        self.timed(dk, "-", "torch_cholesky_fp64", lambda: torch.linalg.cholesky(A64))
+        self.timed(dk, "-", "torch_cholesky_fp32", lambda: torch.linalg.cholesky(A64.float()))
+        for p in la.candidate_precisions(self.device):
+            self.timed(dk, "-", f"cholesky_{p}", lambda p=p: la.cholesky(A64, p, use_ext=use_ext))
+        t, solver = self.timed(dk, "-", "layer_solver_init", lambda: la.LayerSolver(C, LAM))
+        for p, hist in solver.selection.items():
+            if isinstance(hist, list):  # backward errors of the probe's refinement
+                self.record(dk, "-", f"probe_{p}", "steps", len(hist) - 1, "steps")
+                self.record(dk, "-", f"probe_{p}", "final_bwd_err", hist[-1], "ratio")
+        self.record(dk, "-", f"auto_{solver.precision}", "chosen", 1, "-")
+        return solver
+
+    def solve(self, C: torch.Tensor, solver: la.LayerSolver, n: int) -> None:
+        dk, use_ext = C.shape[0], self.use_ext
+        A64, K = LAM * C.double(), keys(C.shape[0], n, C)
+        K64 = K.double()
+        t_pub, U64 = self.timed(
+            dk, n, "published", lambda: torch.linalg.solve(torch.addmm(A64, K64, K64.T), K64)
+        )
+        t_upd, _ = self.timed(
+            dk, n, "update", lambda: la.cholesky_update(solver.L, K64, use_ext=use_ext)
+        )
+        t_ref, _ = self.timed(
+            dk, n, "refactor",
+            lambda: la.cholesky(torch.addmm(A64, K64, K64.T), solver.precision, use_ext=use_ext),
+        )  # fmt: skip
+        self.record(dk, n, "update", "speedup_vs_refactor", t_ref / t_upd, "x")
+        self.record(dk, n, "layer_solve", "uses_update", int(solver.prefers_update(n)), "-")
+        for variant, fn in [
+            ("layer_solve", lambda: solver.solve(K)),
+            ("memit_solve", lambda: la.memit_solve(C, K, LAM, use_ext=use_ext)),
+        ]:
+            t, U = self.timed(dk, n, variant, fn)
+            self.record(dk, n, variant, "rel_diff_fp64", rel(U, U64), "ratio")
+            self.record(dk, n, variant, "speedup", t_pub / t, "x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dk", default="1536,6400,16384")
+    ap.add_argument("--n", default="100,1000,10000")
+    ap.add_argument("--rep", type=int, default=3)
+    ap.add_argument("--stats", help="safetensors file with a real C (tensor 'C'); ignores --dk")
+    ap.add_argument("--no-ext", action="store_true", help="time the torch references")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    bench = Bench(device, args.rep, False if args.no_ext else None)
+    if args.stats:
+        from safetensors.torch import load_file
+
+        matrices = [load_file(args.stats)["C"].to(device, torch.float32)]
+    else:
+        matrices = [synthetic_stats(int(dk), device) for dk in args.dk.split(",")]
+    for C in matrices:
+        solver = bench.factor(C)
+        for n in args.n.split(","):
+            bench.solve(C, solver, int(n))
+    path = harness.append_rows("bench_linalg", bench.rows)
+    print(f"\n{len(bench.rows)} rows -> {path}")
+    print(harness.markdown_table(bench.rows, ["shape", "n", "variant", "metric", "value", "unit"]))
+
+
+if __name__ == "__main__":
+    main()

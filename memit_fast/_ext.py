@@ -1,0 +1,83 @@
+"""Guarded loading of the compiled extension ``memit_fast._C``.
+
+``load()`` imports it on first use (never at ``import memit_fast``) and returns the module,
+or ``None`` with one warning that names what the extension was built for and what was
+found, after which the torch references in ``memit_fast.linalg`` serve every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import re
+import warnings
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OPS = ("cholesky", "cholesky_update", "cholesky_solve")
+
+
+def _found() -> str:
+    cuda = torch.version.cuda or "none"
+    return f"torch={torch.__version__} cuda={cuda}"
+
+
+def _built_for() -> str:
+    """The build line embedded in the library file, read without loading it."""
+    spec = importlib.util.find_spec("memit_fast._C")
+    if spec is None or not spec.origin:
+        return "unknown"
+    with open(spec.origin, "rb") as f:
+        m = re.search(rb"memit_fast\._C build: ([ -~]+)", f.read())
+    return m.group(1).decode() if m else "unknown"
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The extension module with its ops registered as ``torch.ops.memit_fast.*``, or
+    ``None`` (one warning) when it is missing, fails to load or was built for another
+    torch."""
+    try:
+        from memit_fast import _C
+    except ImportError as e:
+        if "No module named" in str(e):
+            log.info("memit_fast._C is not built; using the torch references")
+            return None
+        warnings.warn(
+            f"memit_fast._C (built for {_built_for()}) failed to load ({e}); found {_found()}. "
+            "Rebuild with `pip install --no-build-isolation -e .`; using the torch references.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    built = torch.ops.memit_fast.build_info()
+    built_torch = built.split()[0].removeprefix("torch=")
+    if built_torch.split("+")[0] != torch.__version__.split("+")[0]:
+        warnings.warn(
+            f"memit_fast._C was built for {built} but found {_found()}. "
+            "Rebuild with `pip install --no-build-isolation -e .`; using the torch references.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    log.info("memit_fast._C loaded (%s)", built)
+    return _C
+
+
+def build_info() -> str | None:
+    """What the loaded extension was built for, or ``None`` without one."""
+    return torch.ops.memit_fast.build_info() if load() is not None else None
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """Whether the extension is loaded and registers ``op`` for ``device``'s type."""
+    if load() is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"memit_fast::{op}", key
+    )

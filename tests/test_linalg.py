@@ -1,0 +1,332 @@
+"""memit_fast.linalg: factor, update and refined solve, through the C++ extension and
+through the torch references (both paths run the same checks), and LayerSolver against
+the float64 reference solve.
+
+Test matrices: SPD with a controlled condition number (1e2 … 1e8) at awkward sizes, and
+the key statistics of a tiny GPT-2 run over WikiText-2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from memit_fast import _ext
+from memit_fast import linalg as la
+
+HAS_EXT = _ext.has_kernel("cholesky", "cpu")
+PATHS = [
+    pytest.param(False, id="reference"),
+    pytest.param(
+        True, id="ext", marks=pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")
+    ),
+]
+SIZES = [1, 7, 257, 1000]
+CONDS = [1e2, 1e4, 1e6, 1e8]
+WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
+
+
+@functools.cache
+def spd(n: int, cond: float, seed: int = 0) -> torch.Tensor:
+    """``(n, n)`` float64 SPD, eigenvalues log-spaced from 1 down to ``1 / cond``."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.logspace(0, -np.log10(cond), n, dtype=torch.float64)
+    A = (Q * ev) @ Q.T
+    return (A + A.T) / 2
+
+
+def rhs(n: int, m: int, seed: int = 1, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, m, generator=g, dtype=torch.float64)
+
+
+@functools.cache
+def tiny_model_stats(dk: int = 256, n_keys: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key statistics ``C (dk, dk)`` fp32 and keys ``K (dk, n_keys)`` of block 1 of a tiny
+    GPT-2 (byte tokens, random weights) over WikiText-2: real activations of real text."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=256, n_positions=128, n_embd=64, n_inner=dk, n_layer=2, n_head=4)
+    model = GPT2LMHeadModel(cfg).eval()
+    path = os.path.join(WIKITEXT, "valid.txt")
+    with open(path, "rb") as f:
+        data = torch.tensor(list(f.read(48 * 1024)), dtype=torch.long)
+    ids = data[: (data.numel() // 128) * 128].view(-1, 128)
+    seen: list[torch.Tensor] = []
+    hook = model.transformer.h[1].mlp.c_proj.register_forward_pre_hook(
+        lambda mod, inp: seen.append(inp[0].reshape(-1, dk))
+    )
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    keys = torch.cat(seen)
+    C = (keys.T @ keys) / keys.shape[0]
+    return C, keys[:: keys.shape[0] // n_keys][:n_keys].T.contiguous()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def longdouble_solve(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
+    """``A^-1 B`` refined with 80-bit residuals: the truth a float64 solve is judged by."""
+    L = torch.linalg.cholesky(A)
+    Al, Bl = A.numpy().astype(np.longdouble), B.numpy().astype(np.longdouble)
+    X = torch.cholesky_solve(B, L).numpy().astype(np.longdouble)
+    for _ in range(4):
+        R = (Bl - Al @ X).astype(np.float64)
+        X = X + torch.cholesky_solve(torch.from_numpy(R), L).numpy().astype(np.longdouble)
+    return X
+
+
+def err_vs(X: torch.Tensor, truth: np.ndarray) -> float:
+    return float(np.linalg.norm(X.numpy().astype(np.longdouble) - truth) / np.linalg.norm(truth))
+
+
+# ----------------------------------------------------------------------------- factor
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("cond", CONDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_factor_fp32_backward_error(use_ext, n, cond):
+    """Beyond cond ~ 1 / eps32 an fp32 factor may not exist; then it says so (and the
+    solvers move to fp64)."""
+    A = spd(n, cond)
+    L, info = la.cholesky(A, "fp32", check_errors=False, use_ext=use_ext)
+    if int(info) > 0:
+        assert cond > 1e7, f"fp32 pivot failed at cond {cond:g}"
+        with pytest.raises(la.IllConditionedError, match=f"column {int(info) - 1} of {n}"):
+            la.cholesky(A, "fp32", use_ext=use_ext)
+        L, info = la.cholesky(A, "fp64", use_ext=use_ext)
+    assert torch.equal(L, L.tril())
+    assert rel(L.double() @ L.double().T, A) <= 1e-6
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_factor_fp64_matches_torch(use_ext):
+    A = spd(257, 1e6)
+    L, _ = la.cholesky(A, "fp64", use_ext=use_ext)
+    assert L.dtype == torch.float64
+    assert rel(L, torch.linalg.cholesky(A)) <= 1e-9
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_factor_tiny_model_stats(use_ext):
+    C, _ = tiny_model_stats()
+    A = 1e3 * C
+    L, _ = la.cholesky(A, "fp32", use_ext=use_ext)
+    assert rel(L.double() @ L.double().T, A.double()) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- update
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("k", [1, 13, 300])
+@pytest.mark.parametrize("cond", [1e2, 1e8])
+@pytest.mark.parametrize("n", SIZES)
+def test_update_equals_refactor(use_ext, n, cond, k):
+    A = spd(n, cond)
+    K = rhs(n, k, scale=0.1)
+    M = A + K @ K.T
+    L0 = torch.linalg.cholesky(A)
+    L64 = la.cholesky_update(L0, K, use_ext=use_ext)
+    assert L64.dtype == torch.float64 and torch.equal(L64, L64.tril())
+    assert rel(L64, torch.linalg.cholesky(M)) <= 1e-6
+    L32 = la.cholesky_update(L0.float(), K, use_ext=use_ext)
+    assert L32.dtype == torch.float32
+    assert rel(L32.double() @ L32.double().T, M) <= 1e-6
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_update_tiny_model_stats_sequential(use_ext):
+    """Three batches of real keys folded in one after another equal one refactorization."""
+    C, K = tiny_model_stats()
+    A = 1e3 * C.double()
+    L = torch.linalg.cholesky(A)
+    for part in K.double().chunk(3, dim=1):
+        L = la.cholesky_update(L, part, use_ext=use_ext)
+    assert rel(L, torch.linalg.cholesky(A + K.double() @ K.double().T)) <= 1e-6
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_update_with_no_keys_is_identity(use_ext):
+    L = torch.linalg.cholesky(spd(7, 1e2))
+    assert torch.equal(la.cholesky_update(L, torch.zeros(7, 0), use_ext=use_ext), L)
+
+
+# ----------------------------------------------------------------------------- solve
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("n", SIZES)
+def test_refined_fp32_solve_matches_float64(use_ext, n, cond):
+    A, B = spd(n, cond), rhs(n, 5)
+    L, _ = la.cholesky(A, "fp32", use_ext=use_ext)
+    X, history = la.cholesky_solve(L, B, A, use_ext=use_ext)
+    assert X.dtype == torch.float64 and X.shape == B.shape
+    assert la.converged(history, n), history
+    assert rel(X, torch.linalg.solve(A, B)) <= 1e-10
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("n", [257, 1000])
+def test_cond_1e8_needs_fp64_and_then_matches_float64(use_ext, n):
+    """At cond 1e8 refinement on an fp32 factor does not converge (and says so); on an
+    fp64 factor it converges, as accurate as torch's float64 solve against an 80-bit
+    truth (the two float64 solves themselves differ by ~1e-9 here)."""
+    A, B = spd(n, 1e8), rhs(n, 5)
+    L32, info = la.cholesky(A, "fp32", check_errors=False, use_ext=use_ext)
+    if int(info) == 0:
+        _, history = la.cholesky_solve(L32, B, A, use_ext=use_ext)
+        assert not la.converged(history, n)
+    L64, _ = la.cholesky(A, "fp64", use_ext=use_ext)
+    X, history = la.cholesky_solve(L64, B, A, use_ext=use_ext)
+    assert la.converged(history, n)
+    truth = longdouble_solve(A, B)
+    assert err_vs(X, truth) <= max(1e-10, 4 * err_vs(torch.linalg.solve(A, B), truth))
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_solve_low_rank_term_and_shapes(use_ext):
+    n = 257
+    A, K, B = spd(n, 1e4), rhs(n, 9, seed=3, scale=0.1), rhs(n, 3)
+    L = la.cholesky_update(la.cholesky(A, "fp32", use_ext=use_ext)[0], K, use_ext=use_ext)
+    X, history = la.cholesky_solve(L, B, A, K, use_ext=use_ext)
+    assert la.converged(history, n)
+    assert rel(X, torch.linalg.solve(A + K @ K.T, B)) <= 1e-10
+    x, _ = la.cholesky_solve(L, B[:, 0], A, K, use_ext=use_ext)  # a vector right-hand side
+    assert x.shape == (n,) and rel(x, X[:, 0]) <= 1e-10
+    Y, empty = la.cholesky_solve(L, B, use_ext=use_ext)  # no A: plain solves in L's dtype
+    assert Y.dtype == torch.float32 and empty.numel() == 0
+    assert rel(Y, X) <= 1e-4
+    Z, history = la.cholesky_solve(L, torch.zeros(n, 2), A, K, use_ext=use_ext)
+    assert torch.equal(Z, torch.zeros(n, 2, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+ERRORS = (RuntimeError, ValueError)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_bad_input_names_the_problem(use_ext):
+    A = spd(7, 1e2)
+    L = torch.linalg.cholesky(A)
+    with pytest.raises(ERRORS, match="square"):
+        la.cholesky(torch.ones(3, 4), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="float32 or float64"):
+        la.cholesky(torch.eye(3, dtype=torch.int64), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="NaN or Inf"):
+        la.cholesky(torch.full((3, 3), float("nan")), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="unknown precision 'fp16'"):
+        la.cholesky(A, "fp16", use_ext=use_ext)
+    with pytest.raises(ERRORS, match="7 rows"):
+        la.cholesky_update(L, torch.ones(6, 2), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="floating-point"):
+        la.cholesky_update(L, torch.ones(7, 2, dtype=torch.int32), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="NaN or Inf"):
+        la.cholesky_solve(L, torch.full((7, 2), float("inf")), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="7"):
+        la.cholesky_solve(L, torch.ones(5, 2), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="needs A"):
+        la.cholesky_solve(L, torch.ones(7, 2), None, torch.ones(7, 1), use_ext=use_ext)
+    with pytest.raises((*ERRORS, NotImplementedError), match="(?i)meta"):
+        la.cholesky(torch.eye(3, device="meta"), use_ext=True if use_ext else None)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_not_spd_names_the_column(use_ext, dtype):
+    A = torch.eye(5, dtype=dtype)
+    A[3, 3] = -1.0
+    with pytest.raises(la.IllConditionedError, match="column 3 of 5.*lambda"):
+        la.cholesky(A, "fp32", use_ext=use_ext)
+    _, info = la.cholesky(A, "fp64", check_errors=False, use_ext=use_ext)
+    assert int(info) == 4
+
+
+# ----------------------------------------------------------------------------- LayerSolver
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("n", [3, 48])
+def test_layer_solver_matches_reference_on_tiny_model_stats(use_ext, n):
+    C, K = tiny_model_stats()
+    lam = 1e3
+    solver = la.LayerSolver(C, lam, use_ext=use_ext)
+    assert solver.precision == "fp32", solver.selection
+    U = solver.solve(K[:, :n])
+    assert U.dtype == torch.float64 and U.shape == (C.shape[0], n)
+    assert rel(U, la.torch_memit_solve(C, K[:, :n], lam)) <= 1e-10
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("n", [4, 400])
+def test_layer_solver_update_and_refactor_paths(use_ext, n):
+    """Few keys take the update, many the refactorization; both match float64."""
+    dk, lam = 257, 2.0
+    C, K = spd(dk, 1e5, seed=4), rhs(dk, n, seed=5, scale=0.05)
+    solver = la.LayerSolver(C, lam, use_ext=use_ext)
+    assert solver.prefers_update(n) == (n == 4)
+    assert rel(solver.solve(K), la.torch_memit_solve(C, K, lam)) <= 1e-10
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_layer_solver_picks_fp64_when_fp32_refinement_fails(use_ext):
+    C = spd(257, 1e8, seed=6)
+    solver = la.LayerSolver(C, 1.0, use_ext=use_ext)
+    assert solver.precision == "fp64"
+    assert "fp32" in solver.selection and solver.L.dtype == torch.float64
+    K = rhs(257, 6, seed=7, scale=1e-3)
+    truth = longdouble_solve(C + K @ K.T, K)
+    U = solver.solve(K)
+    ref = la.torch_memit_solve(C, K, 1.0)
+    assert err_vs(U, truth) <= max(1e-10, 4 * err_vs(ref, truth))
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_layer_solver_sequential_commit_and_state_dict(use_ext, tmp_path):
+    C, K = tiny_model_stats()
+    lam = 1e3
+    K1, K2 = K[:, :20], K[:, 20:]
+    solver = la.LayerSolver(C, lam, use_ext=use_ext)
+    solver.commit(K1)
+    assert solver.n_committed == 20
+    K1d, K2d = K1.double(), K2.double()
+    A = lam * C.double() + K1d @ K1d.T + K2d @ K2d.T
+    U = solver.solve(K2)
+    assert rel(U, torch.linalg.solve(A, K2d)) <= 1e-10
+
+    path = tmp_path / "layer.safetensors"
+    save_file({k: v.contiguous() for k, v in solver.state_dict().items()}, str(path))
+    again = la.LayerSolver.from_state_dict(load_file(str(path)), use_ext=use_ext)
+    assert again.n_committed == 20 and again.precision == solver.precision
+    assert torch.equal(again.solve(K2), U)
+
+
+def test_layer_solver_singular_stats_raise_with_the_fix():
+    X = rhs(64, 10, seed=8)  # ten tokens for 64 dimensions: C has rank 10
+    with pytest.raises(la.IllConditionedError, match="layer 5.*larger lambda.*statistics"):
+        la.LayerSolver(X @ X.T / 10, 1e4, name="layer 5")
+    with pytest.raises(ValueError, match="lambda must be finite and > 0"):
+        la.LayerSolver(spd(7, 1e2), 0.0)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_memit_solve_matches_reference(use_ext):
+    C, K = tiny_model_stats()
+    U = la.memit_solve(C, K, 1e3, use_ext=use_ext)
+    assert rel(U, la.torch_memit_solve(C, K, 1e3)) <= 1e-10
+    U64 = la.memit_solve(C, K, 1e3, precision="fp64", use_ext=use_ext)
+    assert rel(U64, la.torch_memit_solve(C, K, 1e3)) <= 1e-12
