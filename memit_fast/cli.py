@@ -1,0 +1,234 @@
+"""The ``memit-fast`` command.
+
+Each subcommand is one ``add_<name>_parser(subparsers)`` function that registers its
+parser and sets ``func`` to a ``run_<name>(args) -> int``; :data:`SUBCOMMANDS` lists them.
+Shared options (model loading) come from :func:`add_model_args` / :func:`load_model`.
+
+Exit codes: 0 success, 2 bad input (arguments, files, malformed data), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("memit_fast.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """A user error: reported in one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# Shared: loading a model
+# ---------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="local model directory (Hugging Face layout or GGUF)"
+    )
+    p.add_argument("--gguf-file", help="GGUF file name inside --model (dequantized on load)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="default: float32")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda if available)"
+    )
+
+
+def load_model(args: argparse.Namespace):
+    """``(model, tokenizer)`` from ``--model`` (and ``--gguf-file``), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(args.model):
+        raise BadInput(f"--model {args.model!r} is not a directory")
+    kw: dict[str, Any] = {}
+    if args.gguf_file:
+        if not os.path.isfile(os.path.join(args.model, args.gguf_file)):
+            raise BadInput(f"--gguf-file {args.gguf_file!r} is not in {args.model!r}")
+        kw["gguf_file"] = args.gguf_file
+    else:
+        kw["local_files_only"] = True
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **kw)
+    if args.gguf_file:  # GGUF weights are dequantized to fp32, then cast
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw)
+        model = model.to(dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kw)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(torch.device(device))
+    model.eval()
+    log.info("loaded %s in %.1f s on %s", args.model, time.perf_counter() - t0, device)
+    return model, tokenizer
+
+
+def load_data(path: str, n: int | None, fmt: str, skip_invalid: bool = False):
+    """Requests from a data file; ``fmt`` ``auto`` detects, ``zsre-alt`` is EasyEdit's zsRE;
+    ``skip_invalid`` leaves malformed records out (logged) instead of failing."""
+    from memit_fast.data import load_requests, load_zsre
+
+    if not os.path.isfile(path):
+        raise BadInput(f"--data {path!r} is not a file")
+    if n is not None and n < 1:
+        raise BadInput(f"-n must be at least 1, got {n}")
+    errors = "skip" if skip_invalid else "raise"
+    if fmt == "zsre-alt":
+        return load_zsre(path, n=n, target="alt", errors=errors)
+    return load_requests(path, n=n, format=None if fmt == "auto" else fmt, errors=errors)
+
+
+# ---------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------
+
+FORMATS = ("auto", "counterfact", "counterfact_reduced", "zsre", "zsre-alt", "requests")
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="metrics of a model on an edit data set (CounterFact, zsRE, plain requests)",
+        description="Evaluate a model on edit requests: CounterFact success/magnitude/score "
+        "or zsRE token accuracy, with EasyEdit-style accuracies. Prints a table, or JSON "
+        "with --json.",
+    )
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="JSON or JSONL data file")
+    p.add_argument("-n", type=int, default=None, help="use the first N records")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="data format (default: auto)")
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="leave malformed records out (with a warning)"
+    )
+    p.add_argument(
+        "--metrics",
+        choices=("auto", "counterfact", "zsre"),
+        default="auto",
+        help="metric set (default: zsre for zsRE data, else counterfact)",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help="also generate from generation_prompts and report n-gram entropy",
+    )
+    p.add_argument("--max-length", type=int, default=100, help="generation length in tokens")
+    p.add_argument("--top-k", type=int, default=None, help="sample top-k (default: greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", help="write the full result (with per-record figures) as JSON")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from memit_fast.evaluate import counterfact_metrics, format_metrics, zsre_metrics
+
+    if args.batch_size < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
+    requests = load_data(args.data, args.n, args.format, args.skip_invalid)
+    kind = args.metrics
+    if kind == "auto":
+        zs = all(r.extra.get("format") == "zsre" for r in requests)
+        kind = "zsre" if zs else "counterfact"
+    model, tokenizer = load_model(args)
+    t0 = time.perf_counter()
+    if kind == "zsre":
+        res = zsre_metrics(model, tokenizer, requests, batch_size=args.batch_size)
+    else:
+        res = counterfact_metrics(
+            model,
+            tokenizer,
+            requests,
+            batch_size=args.batch_size,
+            generation=args.generation,
+            generation_max_length=args.max_length,
+            generation_top_k=args.top_k,
+            generation_seed=args.seed,
+        )
+    seconds = time.perf_counter() - t0
+    records = res.pop("records")
+    summary = {
+        "model": args.model,
+        "gguf_file": args.gguf_file,
+        "data": args.data,
+        "n": len(requests),
+        "metric_set": kind,
+        "dtype": args.dtype,
+        "seconds": round(seconds, 3),
+        "metrics": res,
+    }
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({**summary, "records": records}, f, indent=1)
+            f.write("\n")
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        title = f"{kind} metrics: {args.model} on {args.data} ({seconds:.1f} s)"
+        print(format_metrics(res, title=title))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_eval_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memit_fast.cli_commands import add_demo_parser, add_edit_parser, add_stats_parser
+
+    parser = argparse.ArgumentParser(
+        prog="memit-fast", description="Mass-editing memory in transformer language models."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in [*SUBCOMMANDS, add_edit_parser, add_stats_parser, add_demo_parser]:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    from memit_fast.data import EditRequestError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code) if isinstance(e.code, int) else EXIT_BAD_INPUT
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return args.func(args)
+    except (BadInput, EditRequestError) as e:
+        print(f"memit-fast {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as e:  # the CLI reports every failure in one line (-v: traceback)
+        if args.verbose:
+            log.exception("failure")
+        print(f"memit-fast {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

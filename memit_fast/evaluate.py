@@ -1,0 +1,658 @@
+"""CounterFact and zsRE metrics as the MEMIT paper defines them, batched.
+
+Everything here reduces to one primitive, :func:`score_continuations`: the model reads
+``prompt + continuation`` (teacher forcing) and we keep, for each continuation token, its
+log-probability and whether it was the model's top-1 prediction.
+
+Tokenization: a target continues its prompt after MEMIT's leading space
+(``" " + target`` unless it already starts with a space). The continuation's tokens are
+those of ``tokenizer(prompt + continuation)`` after the prompt's own tokens — the same ids
+as MEMIT's ``tok(prompt)`` + ``tok(" " + target)`` for GPT-2-style tokenizers, and right for
+tokenizers that add a BOS token or merge across the boundary. Sequences are padded on the
+right with an attention mask; padding never changes a score beyond float rounding.
+
+CounterFact (Meng et al., ROME/MEMIT): for a prompt ``p`` and an object ``o`` with tokens
+``t_1..t_k``, ``NLL(o|p) = -(1/k) sum_j log P(t_j | p, t_<j)`` — the mean per-token negative
+log-probability, exactly as the published evaluation compares them.
+
+- efficacy success (ES): ``NLL(o_true|p) > NLL(o_new|p)`` on the rewrite prompt;
+  paraphrase success (PS): the same on each paraphrase prompt;
+  neighborhood success (NS): ``NLL(o_new|n) > NLL(o_n|n)`` on each neighborhood prompt,
+  where ``o_n`` is that prompt's own answer (``neighborhood_targets``, else ``o_true``).
+- magnitudes (EM, PM, NM): ``exp(-NLL(o_new)) - exp(-NLL(o_true))`` (NM the other way
+  round), i.e. differences of per-token geometric-mean probabilities.
+- Per request the success/magnitude is the mean over its prompts of that kind; the reported
+  figure is the mean over requests. Score = harmonic mean of ES, PS, NS.
+
+zsRE (MEND/MEMIT): top-1 token accuracy with teacher forcing — the fraction of target tokens
+that are the model's argmax given the prompt and the true earlier target tokens — per
+request over all its prompts of a kind, then averaged over requests. Efficacy on the
+rewrite prompt, paraphrase on the rephrasings, specificity on ``loc`` against the data
+set's ``loc_ans`` (MEMIT's definition: the unedited model is far from perfect there).
+
+EasyEdit's variants (named ``easyedit_*``): rewrite/rephrase accuracy is the same top-1
+token accuracy of the new target (per prompt, then averaged); locality compares the edited
+model's top-1 predictions on ``neighborhood prompt + its answer`` with those of the unedited
+model (pass the unedited model's result as ``baseline``) instead of with the answer.
+
+Generation entropy (ROME/MEMIT "fluency"): the weighted mean of bi- and tri-gram entropies
+``(2/3 H_2 + 4/3 H_3) / 2`` (bits) of each generated text, averaged per request and then over
+requests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memit_fast.data import EditRequest, normalize_requests
+
+__all__ = [
+    "ContinuationScore",
+    "counterfact_metrics",
+    "format_metrics",
+    "generate",
+    "generation_entropy",
+    "ngram_entropy",
+    "score_continuations",
+    "with_leading_space",
+    "zsre_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------
+# The primitive
+# ---------------------------------------------------------------------------------------
+
+
+def with_leading_space(target: str) -> str:
+    """MEMIT's convention: a target continues its prompt after one space."""
+    return target if target.startswith(" ") else " " + target
+
+
+def model_input_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings (the first piece of
+    a ``device_map`` split), else of its first parameter."""
+    try:
+        emb = model.get_input_embeddings()
+        if emb is not None:
+            return emb.weight.device
+    except (AttributeError, NotImplementedError):
+        pass
+    return next(model.parameters()).device
+
+
+def encode_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` and of ``continuation`` after it (see the module docstring).
+
+    Raises ValueError if the prompt has no tokens (nothing to condition the first token on)
+    or the continuation has none.
+    """
+    p = list(tokenizer(prompt)["input_ids"])
+    full = list(tokenizer(prompt + continuation)["input_ids"])
+    if len(full) > len(p) and full[: len(p)] == p:
+        c = full[len(p) :]
+    else:  # the prompt's last token merged with the continuation's first
+        c = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    if not p:
+        raise ValueError(f"prompt {prompt!r} has no tokens; a continuation needs a prompt")
+    if not c:
+        raise ValueError(f"continuation {continuation!r} of {prompt!r} has no tokens")
+    return p, c
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """How the model scores one continuation under teacher forcing.
+
+    Attributes:
+        token_logprobs: ``log P(t_j | prompt, t_<j)`` per continuation token (fp32 math).
+        predicted: the model's argmax token id at each of those positions.
+        target_ids: the continuation's token ids ``t_j``.
+    """
+
+    token_logprobs: tuple[float, ...]
+    predicted: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+    @property
+    def nll(self) -> float:
+        """Mean per-token negative log-probability (what CounterFact compares)."""
+        return -sum(self.token_logprobs) / len(self.token_logprobs)
+
+    @property
+    def prob(self) -> float:
+        """``exp(-nll)``: the per-token geometric-mean probability (the magnitudes)."""
+        return math.exp(-self.nll)
+
+    @property
+    def correct(self) -> tuple[bool, ...]:
+        return tuple(p == t for p, t in zip(self.predicted, self.target_ids))
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 token accuracy (zsRE, EasyEdit)."""
+        c = self.correct
+        return sum(c) / len(c)
+
+
+@torch.no_grad()
+def score_continuations(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int = 32,
+) -> list[ContinuationScore]:
+    """Score each ``continuations[i]`` after ``prompts[i]`` (taken verbatim: add the leading
+    space yourself, see :func:`with_leading_space`).
+
+    Batched by length (longest first), right-padded with an attention mask, on the device of
+    the model's input embeddings. The model is put in eval mode for the call and restored.
+    Returns one :class:`ContinuationScore` per pair, in input order.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    enc = [encode_continuation(tokenizer, p, c) for p, c in zip(prompts, continuations)]
+    order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
+    device = model_input_device(model)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    out: list[ContinuationScore | None] = [None] * len(enc)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            seqs = [enc[i][0] + enc[i][1] for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            rows, cols, tgts = [], [], []
+            for b, (i, s) in enumerate(zip(idx, seqs)):
+                ids[b, : len(s)] = torch.tensor(s)
+                mask[b, : len(s)] = 1
+                n_p, n_c = len(enc[i][0]), len(enc[i][1])
+                rows += [b] * n_c
+                cols += range(n_p - 1, n_p + n_c - 1)
+                tgts += enc[i][1]
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            r = torch.tensor(rows, device=logits.device)
+            c = torch.tensor(cols, device=logits.device)
+            t = torch.tensor(tgts, device=logits.device)
+            sel = logits[r, c].float()  # (n_tokens, vocab)
+            lp = torch.log_softmax(sel, dim=-1).gather(1, t[:, None])[:, 0].cpu().tolist()
+            am = sel.argmax(dim=-1).cpu().tolist()
+            k = 0
+            for i in idx:
+                n_c = len(enc[i][1])
+                out[i] = ContinuationScore(
+                    tuple(lp[k : k + n_c]), tuple(am[k : k + n_c]), tuple(enc[i][1])
+                )
+                k += n_c
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _harmonic(xs: Sequence[float | None]) -> float | None:
+    if any(x is None for x in xs):
+        return None
+    if any(x <= 0 for x in xs):
+        return 0.0
+    return len(xs) / sum(1.0 / x for x in xs)
+
+
+def _neighborhood_pairs(r: EditRequest) -> list[tuple[str, str | None]]:
+    """(prompt, its answer) for each neighborhood prompt; answer ``None`` if unknown."""
+    if r.neighborhood_targets:
+        return list(zip(r.neighborhood_prompts, r.neighborhood_targets))
+    return [(p, r.target_true) for p in r.neighborhood_prompts]
+
+
+class _Batch:
+    """Collects (prompt, continuation) pairs, scores them in one call, hands back results."""
+
+    def __init__(self):
+        self.prompts: list[str] = []
+        self.conts: list[str] = []
+        self.scores: list[ContinuationScore] = []
+
+    def add(self, prompt: str, target: str) -> int:
+        self.prompts.append(prompt)
+        self.conts.append(with_leading_space(target))
+        return len(self.prompts) - 1
+
+    def run(self, model, tokenizer, batch_size: int) -> None:
+        self.scores = score_continuations(model, tokenizer, self.prompts, self.conts, batch_size)
+
+    def __getitem__(self, k: int) -> ContinuationScore:
+        return self.scores[k]
+
+
+def _locality(baseline, records: list[dict], key: str = "neighborhood") -> list[float | None]:
+    """EasyEdit locality per request: agreement of top-1 predictions with the baseline's."""
+    base = baseline["records"] if isinstance(baseline, dict) else baseline
+    if len(base) != len(records):
+        raise ValueError(
+            f"baseline has {len(base)} records but there are {len(records)} requests; pass "
+            "the unedited model's result for the same requests"
+        )
+    out = []
+    for i, (b, r) in enumerate(zip(base, records)):
+        bp, rp = b.get(f"{key}_predicted"), r.get(f"{key}_predicted")
+        if not rp:
+            out.append(None)
+            continue
+        if bp is None or [len(x) for x in bp] != [len(x) for x in rp]:
+            raise ValueError(f"baseline record {i} does not match request {i}")
+        flat_b = [t for x in bp for t in x]
+        flat_r = [t for x in rp for t in x]
+        out.append(sum(a == b for a, b in zip(flat_b, flat_r)) / len(flat_r))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# CounterFact
+# ---------------------------------------------------------------------------------------
+
+
+def counterfact_metrics(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest | dict],
+    batch_size: int = 32,
+    baseline: dict | None = None,
+    generation: bool = False,
+    generation_max_length: int = 100,
+    generation_top_k: int | None = None,
+    generation_seed: int = 0,
+) -> dict[str, Any]:
+    """CounterFact metrics of ``model`` on ``requests`` (see the module docstring).
+
+    Requests without ``target_true`` get no ES/PS/magnitudes (``None``); a neighborhood
+    prompt without an answer is skipped. Aggregates are means over the requests that have
+    the figure (``n_*`` counts them).
+
+    Args:
+        baseline: the result of this function for the unedited model on the same requests;
+            adds ``easyedit_locality``.
+        generation: also generate from each request's ``generation_prompts`` and report
+            ``ngram_entropy`` (greedy unless ``generation_top_k``; ``generation_max_length``
+            tokens in all, prompt included, as in the MEMIT code).
+
+    Returns a dict of aggregates (``efficacy_success``, ``paraphrase_success``,
+    ``neighborhood_success``, ``efficacy_magnitude``, ``paraphrase_magnitude``,
+    ``neighborhood_magnitude``, ``score``, ``neighborhood_acc``, ``easyedit_rewrite_acc``,
+    ``easyedit_rephrase_acc``, ``easyedit_locality``, ``n``, ``n_*``) and ``records``, one
+    dict per request with the per-prompt NLLs (``{"target_new": nll, "target_true": nll}``,
+    MEMIT's layout) and per-request figures.
+    """
+    reqs = _as_requests(requests)
+    batch = _Batch()
+    plan = []
+    for r in reqs:
+        item: dict[str, Any] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
+        for kind, prompts in (("rewrite", [r.text]), ("paraphrase", r.paraphrase_prompts)):
+            for p in prompts:
+                new = batch.add(p, r.target)
+                true = batch.add(p, r.target_true) if r.target_true is not None else None
+                item[kind].append((new, true))
+        for p, ans in _neighborhood_pairs(r):
+            if ans is None:
+                continue
+            item["neighborhood"].append((batch.add(p, r.target), batch.add(p, ans)))
+        plan.append(item)
+    batch.run(model, tokenizer, batch_size)
+
+    records = []
+    for r, item in zip(reqs, plan):
+        rec: dict[str, Any] = {"case_id": r.case_id}
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            rec[f"{kind}_prompts_probs"] = [
+                {
+                    "target_new": batch[a].nll,
+                    "target_true": batch[b].nll if b is not None else None,
+                }
+                for a, b in item[kind]
+            ]
+        pairs = {k: [(batch[a], batch[b]) for a, b in item[k] if b is not None] for k in item}
+        # success: the intended object has the lower mean NLL (strictly, as published)
+        for kind, name in (("rewrite", "efficacy"), ("paraphrase", "paraphrase")):
+            ps = pairs[kind]
+            rec[f"{name}_success"] = _mean([float(t.nll > n.nll) for n, t in ps])
+            rec[f"{name}_magnitude"] = _mean([n.prob - t.prob for n, t in ps])
+        ps = pairs["neighborhood"]
+        rec["neighborhood_success"] = _mean([float(n.nll > t.nll) for n, t in ps])
+        rec["neighborhood_magnitude"] = _mean([t.prob - n.prob for n, t in ps])
+        rec["neighborhood_acc"] = _mean([t.accuracy for _, t in ps])
+        # EasyEdit: top-1 token accuracy of the new target, averaged per prompt
+        rec["rewrite_acc"] = _mean([batch[a].accuracy for a, _ in item["rewrite"]])
+        rec["rephrase_acc"] = _mean([batch[a].accuracy for a, _ in item["paraphrase"]])
+        rec["neighborhood_predicted"] = [list(t.predicted) for _, t in ps]
+        records.append(rec)
+
+    out: dict[str, Any] = {"n": len(reqs)}
+    for key in (
+        "efficacy_success",
+        "paraphrase_success",
+        "neighborhood_success",
+        "efficacy_magnitude",
+        "paraphrase_magnitude",
+        "neighborhood_magnitude",
+    ):
+        vals = [rec[key] for rec in records if rec[key] is not None]
+        out[key] = _mean(vals)
+        if key.endswith("success"):
+            out[f"n_{key.split('_')[0]}"] = len(vals)
+    out["score"] = _harmonic(
+        [out["efficacy_success"], out["paraphrase_success"], out["neighborhood_success"]]
+    )
+    out["neighborhood_acc"] = _mean([rec["neighborhood_acc"] for rec in records])
+    out["easyedit_rewrite_acc"] = _mean([rec["rewrite_acc"] for rec in records])
+    out["easyedit_rephrase_acc"] = _mean([rec["rephrase_acc"] for rec in records])
+    out["easyedit_locality"] = None
+    if baseline is not None:
+        loc = _locality(baseline, records)
+        for rec, v in zip(records, loc):
+            rec["easyedit_locality"] = v
+        out["easyedit_locality"] = _mean(loc)
+    if generation and any(r.generation_prompts for r in reqs):
+        gen = generation_entropy(
+            model,
+            tokenizer,
+            reqs,
+            max_length=generation_max_length,
+            top_k=generation_top_k,
+            seed=generation_seed,
+            batch_size=batch_size,
+        )
+        out["ngram_entropy"] = gen["ngram_entropy"]
+        out["n_generation"] = gen["n"]
+        for rec, g in zip(records, gen["records"]):
+            rec.update(g)
+    out["records"] = records
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# zsRE
+# ---------------------------------------------------------------------------------------
+
+
+def zsre_metrics(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest | dict],
+    batch_size: int = 32,
+    baseline: dict | None = None,
+) -> dict[str, Any]:
+    """zsRE metrics (top-1 token accuracy, teacher-forced) of ``model`` on ``requests``.
+
+    - ``efficacy_acc``: of ``" " + target`` after the rewrite prompt;
+    - ``paraphrase_acc``: of ``" " + target`` after each paraphrase prompt;
+    - ``specificity_acc``: of each neighborhood prompt's given answer
+      (``neighborhood_targets``, i.e. zsRE's ``loc_ans``; else ``target_true``) — MEMIT's
+      definition, against the data set's answer, not the model's own;
+    - ``easyedit_rewrite_acc``, ``easyedit_rephrase_acc`` (EasyEdit's names for the first
+      two, averaged per prompt) and ``easyedit_locality`` (agreement with the top-1
+      predictions of the unedited model, given as ``baseline``: EasyEdit's definition).
+
+    Per request, accuracy is over all target tokens of all its prompts of a kind (as the
+    MEMIT code pools them); aggregates average over requests. ``records`` holds the
+    per-request figures and token-level predictions.
+    """
+    reqs = _as_requests(requests)
+    batch = _Batch()
+    plan = []
+    for r in reqs:
+        plan.append(
+            {
+                "rewrite": [batch.add(r.text, r.target)],
+                "paraphrase": [batch.add(p, r.target) for p in r.paraphrase_prompts],
+                "neighborhood": [
+                    batch.add(p, a) for p, a in _neighborhood_pairs(r) if a is not None
+                ],
+            }
+        )
+    batch.run(model, tokenizer, batch_size)
+
+    def pooled(ks: list[int]) -> float | None:
+        c = [x for k in ks for x in batch[k].correct]
+        return sum(c) / len(c) if c else None
+
+    records = []
+    for r, item in zip(reqs, plan):
+        rec: dict[str, Any] = {"case_id": r.case_id}
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            rec[f"{kind}_prompts_correct"] = [list(batch[k].correct) for k in item[kind]]
+        rec["efficacy_acc"] = pooled(item["rewrite"])
+        rec["paraphrase_acc"] = pooled(item["paraphrase"])
+        rec["specificity_acc"] = pooled(item["neighborhood"])
+        rec["rewrite_acc"] = _mean([batch[k].accuracy for k in item["rewrite"]])
+        rec["rephrase_acc"] = _mean([batch[k].accuracy for k in item["paraphrase"]])
+        rec["neighborhood_predicted"] = [list(batch[k].predicted) for k in item["neighborhood"]]
+        records.append(rec)
+    out: dict[str, Any] = {"n": len(reqs)}
+    for key in ("efficacy_acc", "paraphrase_acc", "specificity_acc"):
+        vals = [rec[key] for rec in records if rec[key] is not None]
+        out[key] = _mean(vals)
+        out[f"n_{key.split('_')[0]}"] = len(vals)
+    out["easyedit_rewrite_acc"] = _mean([rec["rewrite_acc"] for rec in records])
+    out["easyedit_rephrase_acc"] = _mean([rec["rephrase_acc"] for rec in records])
+    out["easyedit_locality"] = None
+    if baseline is not None:
+        loc = _locality(baseline, records)
+        for rec, v in zip(records, loc):
+            rec["easyedit_locality"] = v
+        out["easyedit_locality"] = _mean(loc)
+    out["records"] = records
+    return out
+
+
+def _as_requests(requests) -> list[EditRequest]:
+    """Requests as given (duplicates kept: each case is scored), dicts validated."""
+    if isinstance(requests, (dict, EditRequest, str, bytes)):
+        raise TypeError("requests: expected a list of requests, got a single one")
+    reqs = list(requests)
+    if all(isinstance(r, EditRequest) for r in reqs):
+        return reqs
+    # validate dicts one by one so that duplicates survive
+    return [r if isinstance(r, EditRequest) else normalize_requests([r])[0] for r in reqs]
+
+
+# ---------------------------------------------------------------------------------------
+# Generation and its n-gram entropy
+# ---------------------------------------------------------------------------------------
+
+# Approximates NLTK's word_tokenize (used by the MEMIT code) without its data files:
+# words (with inner apostrophes/hyphens), numbers, and each punctuation mark on its own.
+_WORD = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
+
+
+def ngram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
+    """ROME/MEMIT's fluency measure of one text: ``mean_n(w_n * H_n)`` where ``H_n`` is the
+    entropy (bits) of the frequency distribution of the text's word n-grams."""
+    words = _WORD.findall(text)
+    hs = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        hs.append(w * h)
+    return sum(hs) / len(hs)
+
+
+def _cache_argument(model) -> str:
+    """The name of the KV-cache argument: ``cache`` (transformers >= 5.x) or, before,
+    ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out):
+    for name in ("cache", "past_key_values"):
+        v = getattr(out, name, None)
+        if v is not None:
+            return v
+    return None
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_length: int = 100,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[str]:
+    """Continue each prompt to ``max_length`` tokens in all (prompt included, as the MEMIT
+    code counts), greedily or, with ``top_k``, by top-k sampling. Returns the full texts.
+
+    Prompts of equal token length are batched together, so no padding is involved; the KV
+    cache is used. Sampling draws on the CPU from a generator seeded with ``seed``, so it is
+    reproducible on any device (up to the model's own float rounding).
+    """
+    encs = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(encs):
+        groups.setdefault(len(e), []).append(i)
+    device = model_input_device(model)
+    cache_arg = _cache_argument(model)
+    gen = torch.Generator().manual_seed(seed)
+    out: list[str | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for length in sorted(groups):
+            members = groups[length]
+            for s in range(0, len(members), batch_size):
+                idx = members[s : s + batch_size]
+                ids = torch.tensor([encs[i] for i in idx], device=device)
+                seq = ids
+                past = None
+                inp = ids
+                while seq.shape[1] < max_length:
+                    o = model(input_ids=inp, use_cache=True, **{cache_arg: past})
+                    past = _output_cache(o)
+                    logits = o.logits[:, -1].float()
+                    if top_k is None:
+                        nxt = logits.argmax(dim=-1, keepdim=True)
+                    else:
+                        v, ix = logits.topk(top_k, dim=-1)
+                        probs = torch.softmax(v, dim=-1).cpu()
+                        pick = torch.multinomial(probs, 1, generator=gen)
+                        nxt = ix.gather(1, pick.to(ix.device))
+                    seq = torch.cat([seq, nxt.to(seq.device)], dim=1)
+                    # no cache returned: feed the whole sequence again
+                    inp = nxt.to(device) if past is not None else seq
+                for i, row in zip(idx, seq.tolist()):
+                    out[i] = tokenizer.decode(row, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def generation_entropy(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest | dict],
+    max_length: int = 100,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """N-gram entropy (:func:`ngram_entropy`) of generations from each request's
+    ``generation_prompts``: mean per request, then over the requests that have prompts.
+    Greedy by default; ``top_k=5`` samples as the MEMIT code does.
+
+    Returns ``{"ngram_entropy", "n", "records": [{"ngram_entropy", "generations"}]}``.
+    """
+    reqs = _as_requests(requests)
+    prompts = [p for r in reqs for p in r.generation_prompts]
+    texts = generate(model, tokenizer, prompts, max_length, top_k, seed, batch_size)
+    records, k = [], 0
+    for r in reqs:
+        g = texts[k : k + len(r.generation_prompts)]
+        k += len(r.generation_prompts)
+        records.append({"ngram_entropy": _mean([ngram_entropy(t) for t in g]), "generations": g})
+    vals = [rec["ngram_entropy"] for rec in records if rec["ngram_entropy"] is not None]
+    return {"ngram_entropy": _mean(vals), "n": len(vals), "records": records}
+
+
+# ---------------------------------------------------------------------------------------
+# Presentation
+# ---------------------------------------------------------------------------------------
+
+_LABELS = {
+    "efficacy_success": "Efficacy success (ES)",
+    "paraphrase_success": "Paraphrase success (PS)",
+    "neighborhood_success": "Neighborhood success (NS)",
+    "score": "Score (harmonic mean ES, PS, NS)",
+    "efficacy_magnitude": "Efficacy magnitude (EM)",
+    "paraphrase_magnitude": "Paraphrase magnitude (PM)",
+    "neighborhood_magnitude": "Neighborhood magnitude (NM)",
+    "neighborhood_acc": "Neighborhood top-1 token acc",
+    "efficacy_acc": "Efficacy top-1 token acc",
+    "paraphrase_acc": "Paraphrase top-1 token acc",
+    "specificity_acc": "Specificity top-1 token acc (vs loc_ans)",
+    "easyedit_rewrite_acc": "EasyEdit rewrite acc",
+    "easyedit_rephrase_acc": "EasyEdit rephrase acc",
+    "easyedit_locality": "EasyEdit locality (vs unedited)",
+    "ngram_entropy": "Generation n-gram entropy (bits)",
+}
+
+
+def format_metrics(metrics: dict[str, Any], title: str | None = None) -> str:
+    """A plain-text table of the aggregate figures of a metrics dict (``records`` and
+    counts left out); rates as percentages, entropies and magnitudes as numbers."""
+    rows = []
+    for key, label in _LABELS.items():
+        if key not in metrics:
+            continue
+        v = metrics[key]
+        if v is None:
+            s = "n/a"
+        elif key == "ngram_entropy":
+            s = f"{v:.2f}"
+        elif "magnitude" in key:
+            s = f"{v:+.4f}"
+        else:
+            s = f"{100 * v:.1f}%"
+        rows.append((label, s))
+    width = max([len(a) for a, _ in rows] + [6])
+    vwidth = max([len(b) for _, b in rows] + [5])
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"{'metric':<{width}}  {'value':>{vwidth}}")
+    lines.append(f"{'-' * width}  {'-' * vwidth}")
+    lines += [f"{a:<{width}}  {b:>{vwidth}}" for a, b in rows]
+    if "n" in metrics:
+        lines.append(f"({metrics['n']} requests)")
+    return "\n".join(lines)
