@@ -1,0 +1,195 @@
+"""``C += X^T X`` over a batch of keys: the Triton kernel against the torch reference.
+
+    # GPU: the issue's size (validated first, then timed), bf16 keys
+    python benchmarks/bench_covariance.py --device cuda --d 16384 --t 65536 --dtype bfloat16
+    # CPU (or --small anywhere): the reference only, at small sizes, so the script cannot rot
+    python benchmarks/bench_covariance.py
+
+On CUDA it first checks the kernel's lower triangle against ``torch_covariance_accumulate``
+(fp32 ``addmm``) on the same batch, then times, with ``triton.testing.do_bench``:
+
+- ``triton`` / ``triton-masked``: ``triton_covariance_accumulate`` (lower triangle of
+  tiles; the mask keeps about 90 % of the rows, as padding does);
+- ``torch-reference``: ``torch_covariance_accumulate`` (fp32 cast + ``addmm``);
+- ``dense-gemm``: ``torch.mm(X^T, X)`` in ``X``'s dtype, the device's measured dense GEMM
+  rate, the yardstick of the acceptance target (kernel >= 60 % of it, symmetric flops
+  counted once).
+
+Rows (``<results>/covariance.csv``): ``ms`` (median; p20/p80 too), ``TFLOP/s`` with the
+symmetric flops counted once (``t d (d + 1)``; the dense GEMM with its ``2 t d^2``),
+``frac_of_dense_gemm`` (achieved TFLOP/s / the dense GEMM's), and ``frac_of_peak`` against
+the datasheet dense peak of the input dtype where the device is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memit_fast.kernels import covariance_finalize, torch_covariance_accumulate  # noqa: E402
+
+from benchmarks.harness import (  # noqa: E402
+    append_rows,
+    device_name,
+    make_row,
+    markdown_table,
+    time_fn,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Datasheet dense tensor-core peaks (TFLOP/s, no sparsity): bf16/fp16, and TF32 (fp32 in).
+PEAKS = {
+    "H100 PCIe": {"16bit": 756.0, "tf32": 378.0},
+    "H100": {"16bit": 989.4, "tf32": 494.7},
+    "H200": {"16bit": 989.4, "tf32": 494.7},
+    "A100": {"16bit": 312.0, "tf32": 156.0},
+}
+
+
+def nominal_peak(device: str, dtype: torch.dtype) -> float | None:
+    for key, peaks in PEAKS.items():  # "H100 PCIe" is tried before "H100"
+        if key in device:
+            return peaks["tf32" if dtype == torch.float32 else "16bit"]
+    return None
+
+
+def validate(C: torch.Tensor, Cref: torch.Tensor, X: torch.Tensor, mask: torch.Tensor) -> float:
+    """Max error of the kernel's lower triangle against the reference, relative to the
+    largest diagonal element; raises when it exceeds fp32 accumulation noise."""
+    err = (C.tril() - Cref.tril()).abs().max().item()
+    scale = Cref.diagonal().abs().max().item()
+    bound = 64 * X.shape[0] ** 0.5 * 2.0**-24 * scale + 1e-30
+    if not torch.isfinite(C.tril()).all() or err > bound:
+        raise SystemExit(f"validation failed: max |kernel - reference| = {err:.3e} > {bound:.3e}")
+    return err / max(scale, 1e-30)
+
+
+def run(args) -> list[dict[str, object]]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    kernels_too = device.type == "cuda" or args.interpret
+    if not kernels_too or args.small:
+        d, t = args.small_d, args.small_t
+    else:
+        d, t = args.d, args.t
+    dev = device_name(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    X = torch.randn(t, d, device=device, dtype=dtype, generator=g)
+    mask = torch.rand(t, device=device, generator=g) < 0.9
+    common = dict(device=dev, benchmark="covariance", dtype=args.dtype, n=t, shape=f"t={t},d={d}")
+    sym_flops = t * d * (d + 1)
+    peak = nominal_peak(dev, dtype)
+    rows = []
+    timings = {}
+
+    def add(variant: str, fn, flops: float) -> None:
+        tm = time_fn(fn, device)
+        timings[variant] = (tm, flops / tm["median_ms"] / 1e9)
+        for metric in ("median_ms", "p20_ms", "p80_ms"):
+            rows.append(
+                make_row(
+                    variant=variant,
+                    metric=metric.replace("median_", ""),
+                    value=tm[metric],
+                    unit="ms",
+                    **common,
+                )
+            )
+        rows.append(
+            make_row(
+                variant=variant,
+                metric="throughput",
+                value=timings[variant][1],
+                unit="TFLOP/s",
+                **common,
+            )
+        )
+        if peak is not None:
+            rows.append(
+                make_row(
+                    variant=variant,
+                    metric="frac_of_peak",
+                    value=timings[variant][1] / peak,
+                    unit="",
+                    **common,
+                )
+            )
+
+    C = torch.zeros(d, d, device=device)
+    add("torch-reference", lambda: torch_covariance_accumulate(C, X, None), sym_flops)
+    if kernels_too:
+        from memit_fast.kernels.covariance import triton_covariance_accumulate
+
+        Ck, Cref = torch.zeros(d, d, device=device), torch.zeros(d, d, device=device)
+        for m in (None, mask):
+            Ck.zero_(), Cref.zero_()
+            triton_covariance_accumulate(Ck, X, m)
+            torch_covariance_accumulate(Cref, X, m)
+            rel = validate(Ck, Cref, X, m)
+            rows.append(
+                make_row(
+                    variant="triton" if m is None else "triton-masked",
+                    metric="validation_max_rel_err",
+                    value=rel,
+                    unit="",
+                    **common,
+                )
+            )
+        covariance_finalize(Ck)  # the finalize of a pass, checked once
+        if not torch.equal(Ck, Ck.T):
+            raise SystemExit("validation failed: finalize left C asymmetric")
+        kept = int(mask.sum())
+        add("triton", lambda: triton_covariance_accumulate(C, X, None), sym_flops)
+        add("triton-masked", lambda: triton_covariance_accumulate(C, X, mask), kept * d * (d + 1))
+        add("dense-gemm", lambda: torch.mm(X.T, X), 2.0 * t * d * d)
+        gemm = timings["dense-gemm"][1]
+        for variant in ("triton", "triton-masked", "torch-reference"):
+            frac = timings[variant][1] / gemm
+            rows.append(
+                make_row(
+                    variant=variant, metric="frac_of_dense_gemm", value=frac, unit="", **common
+                )
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--d", type=int, default=16384)
+    ap.add_argument("--t", type=int, default=65536)
+    ap.add_argument("--small", action="store_true", help="small sizes (automatic on CPU)")
+    ap.add_argument("--small-d", type=int, default=512)
+    ap.add_argument("--small-t", type=int, default=2048)
+    ap.add_argument(
+        "--interpret",
+        action="store_true",
+        help="on CPU, also run the kernel (needs TRITON_INTERPRET=1; a smoke test, not a timing)",
+    )
+    ap.add_argument("--csv", default="covariance", help="results file name (no .csv)")
+    ap.add_argument("--no-save", action="store_true", help="print only, append no rows")
+    args = ap.parse_args(argv)
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--interpret needs TRITON_INTERPRET=1 in the environment")
+    if torch.device(args.device).type == "cpu" and args.dtype == "bfloat16" and args.interpret:
+        args.dtype = "float16"  # the interpreter has no bf16
+    rows = run(args)
+    if not args.no_save:
+        path = append_rows(args.csv, rows)
+        sys.stdout.write(f"appended {len(rows)} rows to {path}\n")
+    sys.stdout.write(
+        markdown_table(rows, ["device", "dtype", "shape", "variant", "metric", "value", "unit"])
+        + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

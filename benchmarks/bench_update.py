@@ -1,0 +1,256 @@
+"""MEMIT's layer update: the fused solve/update and ``W += R U^T`` against the torch chain.
+
+    # GPU: the issue's size (dk = 16384, dh = 4096, n = 10,000; bf16 weight), validated first
+    python benchmarks/bench_update.py --device cuda
+    # CPU (or --small anywhere): the references only, at small sizes
+    python benchmarks/bench_update.py
+
+Given ``L`` (fp32 lower Cholesky factor of ``A = lambda C + K K^T``), ``K (dk, n)``,
+``R (dh, n)`` and a weight ``W (dh, dk)``, each variant computes ``W += R (A^-1 K)^T``:
+
+- ``torch-chain``: ``torch_fused_solve_update``: ``cholesky_solve`` (fp32) + ``matmul`` +
+  add, the dense update materialized in fp32;
+- ``fused-triton[-bB]``: ``triton_fused_solve_update``, blocked triangular solves on Triton
+  3-pass TF32 GEMMs (diagonal block width ``B``), then the Triton rank-n update;
+- ``fused-cublas``: the same blocked solve with fp32 cuBLAS GEMMs (``addmm``), then the
+  Triton rank-n update.
+
+and, for the update alone (``U`` given, fp32): ``lowrank-torch`` (``torch_lowrank_update``)
+and ``lowrank-triton`` (``triton_lowrank_update``).
+
+Every kernel variant is checked against the float64 result on the same inputs before it is
+timed. Rows (``<results>/update.csv``): ``ms`` (median, p20, p80), ``TFLOP/s`` (solve
+``2 dk^2 n`` + update ``2 dh dk n``; each 3-pass TF32 product counted once), ``speedup`` over
+``torch-chain`` (or ``lowrank-torch``), ``GB/s`` for the update alone (``W`` read and
+written once, ``R`` and ``U`` read once) and ``frac_of_peak`` (TFLOP/s over the datasheet
+dense TF32 peak, where the device is known).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memit_fast.kernels import torch_fused_solve_update, torch_lowrank_update  # noqa: E402
+
+from benchmarks.harness import (  # noqa: E402
+    append_rows,
+    device_name,
+    make_row,
+    markdown_table,
+    time_fn,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Datasheet dense TF32 tensor-core peaks (TFLOP/s, no sparsity).
+TF32_PEAKS = {"H100 PCIe": 378.0, "H100": 494.7, "H200": 494.7, "A100": 156.0}
+
+
+def tf32_peak(device: str) -> float | None:
+    for key, peak in TF32_PEAKS.items():  # "H100 PCIe" is tried before "H100"
+        if key in device:
+            return peak
+    return None
+
+
+def make_problem(dk: int, dh: int, n: int, w_dtype: torch.dtype, device: torch.device):
+    """``L`` of ``A = lambda C + K K^T`` with ``C`` the second moment of random keys (rank
+    ``min(dk, 4096)`` plus a ridge), lambda scaled like MEMIT's against the keys; ``K``,
+    ``R``, ``W``."""
+    g = torch.Generator(device=device).manual_seed(0)
+    m = min(dk, 4096)
+    keys = torch.randn(dk, m, device=device, generator=g)
+    C = keys @ keys.T / m
+    C.diagonal().add_(0.1)
+    del keys
+    K = torch.randn(dk, n, device=device, generator=g)
+    A = C.mul_(15000.0 / dk)  # lambda C, in place
+    A.addmm_(K, K.T)
+    L = torch.linalg.cholesky(A)
+    del A, C
+    R = torch.randn(dh, n, device=device, generator=g) / n**0.5
+    W = (torch.randn(dh, dk, device=device, generator=g) / 64).to(w_dtype)
+    return L, K, R, W
+
+
+def rel_error(W: torch.Tensor, W0: torch.Tensor, exact_dW: torch.Tensor) -> float:
+    dW = W.to(torch.float64) - W0.to(torch.float64)
+    return ((dW - exact_dW).norm() / exact_dW.norm()).item()
+
+
+def run(args) -> list[dict[str, object]]:
+    device = torch.device(args.device)
+    w_dtype = DTYPES[args.dtype]
+    kernels_too = device.type == "cuda" or args.interpret
+    if not kernels_too or args.small:
+        dk, dh, n = args.small_dk, args.small_dh, args.small_n
+    else:
+        dk, dh, n = args.dk, args.dh, args.n
+    dev = device_name(device)
+    L, K, R, W0 = make_problem(dk, dh, n, w_dtype, device)
+    common = dict(
+        device=dev, benchmark="update", dtype=args.dtype, n=n, shape=f"dk={dk},dh={dh},n={n}"
+    )
+    solve_flops, update_flops = 2.0 * dk * dk * n, 2.0 * dh * dk * n
+    update_bytes = 2 * W0.numel() * W0.element_size() + (R.numel() + K.numel()) * 4
+    peak = tf32_peak(dev)
+    rows: list[dict[str, object]] = []
+    timings: dict[str, float] = {}
+
+    def add(variant: str, fn, flops: float, base: str | None, nbytes: float | None = None) -> None:
+        tm = time_fn(fn, device)
+        ms = tm["median_ms"]
+        timings[variant] = ms
+        for metric in ("median_ms", "p20_ms", "p80_ms"):
+            rows.append(
+                make_row(
+                    variant=variant,
+                    metric=metric.replace("median_", ""),
+                    value=tm[metric],
+                    unit="ms",
+                    **common,
+                )
+            )
+        tflops = flops / ms / 1e9
+        rows.append(
+            make_row(variant=variant, metric="throughput", value=tflops, unit="TFLOP/s", **common)
+        )
+        if nbytes is not None:
+            rows.append(
+                make_row(
+                    variant=variant,
+                    metric="bandwidth",
+                    value=nbytes / ms / 1e6,
+                    unit="GB/s",
+                    **common,
+                )
+            )
+        if peak is not None:
+            rows.append(
+                make_row(
+                    variant=variant, metric="frac_of_peak", value=tflops / peak, unit="", **common
+                )
+            )
+        if base is not None and base in timings:
+            rows.append(
+                make_row(
+                    variant=variant, metric="speedup", value=timings[base] / ms, unit="x", **common
+                )
+            )
+
+    errors: dict[str, float] = {}
+
+    def check(variant: str, W: torch.Tensor, baseline: str | None) -> None:
+        """Relative error of the update against float64: at most 4x the torch baseline's
+        (plus a hair), and sane (< 5 %) for the baselines themselves."""
+        err = rel_error(W, W0, exact_dW)
+        bound = 0.05 if baseline is None else 4 * errors[baseline] + 1e-6
+        if not (err <= bound):  # NaN fails too
+            raise SystemExit(
+                f"validation failed: {variant}: relative error {err:.3e} > {bound:.3e}"
+            )
+        errors[variant] = err
+        rows.append(
+            make_row(variant=variant, metric="validation_rel_err", value=err, unit="", **common)
+        )
+
+    # The exact update, in float64 (from the fp32 inputs that every variant reads).
+    U64 = torch.cholesky_solve(K.to(torch.float64), L.to(torch.float64))
+    exact_dW = R.to(torch.float64) @ U64.T
+    U32 = U64.to(torch.float32)
+    del U64
+
+    W = W0.clone()
+    torch_fused_solve_update(W, L, K, R, False)
+    check("torch-chain", W, None)
+    add(
+        "torch-chain",
+        lambda: torch_fused_solve_update(W, L, K, R, False),
+        solve_flops + update_flops,
+        None,
+    )
+    W.copy_(W0)
+    torch_lowrank_update(W, R, U32, False)
+    check("lowrank-torch", W, None)
+    add(
+        "lowrank-torch",
+        lambda: torch_lowrank_update(W, R, U32, False),
+        update_flops,
+        None,
+        update_bytes,
+    )
+    if kernels_too:
+        from memit_fast.kernels.update import triton_fused_solve_update, triton_lowrank_update
+
+        W.copy_(W0)
+        triton_lowrank_update(W, R, U32, False)
+        check("lowrank-triton", W, "lowrank-torch")
+        add(
+            "lowrank-triton",
+            lambda: triton_lowrank_update(W, R, U32, False),
+            update_flops,
+            "lowrank-torch",
+            update_bytes,
+        )
+        variants = [(f"fused-triton-b{b}", "triton", b) for b in args.solve_blocks]
+        variants.append(("fused-cublas", "cublas", None))
+        for variant, backend, block in variants:
+            W.copy_(W0)
+            triton_fused_solve_update(W, L, K, R, False, solve_block=block, gemm_backend=backend)
+            check(variant, W, "torch-chain")
+
+            def fn(backend=backend, block=block):
+                triton_fused_solve_update(
+                    W, L, K, R, False, solve_block=block, gemm_backend=backend
+                )
+
+            add(variant, fn, solve_flops + update_flops, "torch-chain")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--dtype", default="bfloat16", choices=sorted(DTYPES), help="the weight's dtype"
+    )
+    ap.add_argument("--dk", type=int, default=16384)
+    ap.add_argument("--dh", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument(
+        "--solve-blocks", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 1024]
+    )
+    ap.add_argument("--small", action="store_true", help="small sizes (automatic on CPU)")
+    ap.add_argument("--small-dk", type=int, default=512)
+    ap.add_argument("--small-dh", type=int, default=256)
+    ap.add_argument("--small-n", type=int, default=64)
+    ap.add_argument(
+        "--interpret",
+        action="store_true",
+        help="on CPU, also run the kernels (needs TRITON_INTERPRET=1; a smoke test, not a timing)",
+    )
+    ap.add_argument("--csv", default="update", help="results file name (no .csv)")
+    ap.add_argument("--no-save", action="store_true", help="print only, append no rows")
+    args = ap.parse_args(argv)
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--interpret needs TRITON_INTERPRET=1 in the environment")
+    if torch.device(args.device).type == "cpu" and args.dtype == "bfloat16" and args.interpret:
+        args.dtype = "float16"  # the interpreter has no bf16
+    rows = run(args)
+    if not args.no_save:
+        path = append_rows(args.csv, rows)
+        sys.stdout.write(f"appended {len(rows)} rows to {path}\n")
+    sys.stdout.write(
+        markdown_table(rows, ["device", "dtype", "shape", "variant", "metric", "value", "unit"])
+        + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

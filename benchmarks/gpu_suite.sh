@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# The whole measurement on a lent GPU (H100/H200), in one command and about 10 minutes:
+# build the extension, run the GPU tests, then every benchmark (edit, statistics,
+# covariance, update, linalg), and plot. CSV + markdown + PNG go to $OUT, or to
+# benchmarks/results/ when $OUT is unset.
+#
+#   bash benchmarks/gpu_suite.sh                 # the real run (needs torch with CUDA)
+#   bash benchmarks/gpu_suite.sh --dry-run       # tiny sizes, CPU allowed, no build/tests
+#   bash benchmarks/gpu_suite.sh --dry-run --with-build --with-tests
+#
+# Options:
+#   --dry-run       small sizes; runs on the CPU when no GPU is there (tests/test_gpu_suite_dryrun.py)
+#   --with-build    in a dry run, also build the extension (always done in a real run)
+#   --with-tests    in a dry run, also run the GPU test files (always done in a real run)
+#   --budget S      seconds for the whole suite (default 570; 120 in a dry run)
+#   --pack          at the end, pack every result into gpu_suite_results.tar.gz (for
+#                   transports that bring back few files); suite.md and suite.log stay loose
+#
+# Environment: PYTHON (default python3), MAX_JOBS (extension build), GPU_TESTS (test files),
+# EDIT_MODELS (default "llama-2-7b gpt-j-6b gpt2-xl").
+# Every step runs under its own time limit; a failing step is reported and the suite goes
+# on; the exit status is non-zero if any step failed.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+DRY=0
+WITH_BUILD=0
+WITH_TESTS=0
+PACK=0
+BUDGET=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --with-build) WITH_BUILD=1 ;;
+    --with-tests) WITH_TESTS=1 ;;
+    --pack) PACK=1 ;;
+    --budget) BUDGET=$2; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -z "$BUDGET" ]; then
+  if [ $DRY = 1 ]; then BUDGET=120; else BUDGET=570; fi
+fi
+
+RESULTS=${OUT:-$REPO/benchmarks/results}
+mkdir -p "$RESULTS"
+export OUT=$RESULTS                      # the benchmarks' harness writes CSV rows here
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+LOG=$RESULTS/suite.log
+MD=$RESULTS/suite.md
+STEPS=$RESULTS/.steps.txt
+START=$(date +%s)
+FAILED=()
+: > "$STEPS"
+
+HAS_CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$HAS_CUDA" = 1 ]; then DEVICE=cuda; else DEVICE=cpu; fi
+if [ $DRY = 0 ] && [ "$DEVICE" != cuda ]; then
+  echo "gpu_suite.sh: no CUDA device visible to $PYTHON; use --dry-run on the CPU" >&2
+  exit 2
+fi
+
+{
+  echo "# GPU suite — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), device $DEVICE,"\
+       "dry run $DRY, budget ${BUDGET}s"
+  if [ "$DEVICE" = cuda ]; then
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    echo '```'
+  fi
+  echo
+} > "$MD"
+: > "$LOG"
+
+remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# step NAME LIMIT_S CMD... : run under min(LIMIT, remaining budget) seconds; the output
+# goes to the log and to $STEP_OUT (read by bench_nomd).
+STEP_OUT=$RESULTS/.step_output.txt
+step() {
+  local name=$1 limit=$2; shift 2
+  local left; left=$(remaining)
+  : > "$STEP_OUT"
+  if [ "$left" -le 5 ]; then
+    echo "SKIP $name: the suite's budget is spent" | tee -a "$LOG"
+    echo "- $name: skipped (budget spent)" >> "$STEPS"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$STEP_OUT" 2>&1
+  local rc=$?
+  cat "$STEP_OUT" >> "$LOG"
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then
+    echo "--- $name ok (${dt}s)" | tee -a "$LOG"
+    echo "- $name: ok (${dt}s)" >> "$STEPS"
+  else
+    local why="exit $rc"
+    [ $rc -eq 124 ] && why="timed out"
+    echo "--- $name FAILED: $why (${dt}s)" | tee -a "$LOG"
+    tail -n 15 "$STEP_OUT"
+    echo "- $name: FAILED, $why (${dt}s)" >> "$STEPS"
+    FAILED+=("$name")
+  fi
+}
+
+bench() {  # bench SCRIPT LIMIT ARGS... : run a benchmark script if it exists
+  local script=$1 limit=$2; shift 2
+  if [ ! -f "benchmarks/$script" ]; then
+    echo "SKIP $script: not in this checkout" | tee -a "$LOG"
+    echo "- $script: not in this checkout" >> "$STEPS"
+    return 0
+  fi
+  step "$script $*" "$limit" "$PYTHON" "benchmarks/$script" "$@" --md "$MD"
+}
+
+bench_nomd() {  # for scripts without --md: their markdown tables are copied from the output
+  local script=$1 limit=$2; shift 2
+  if [ ! -f "benchmarks/$script" ]; then
+    echo "SKIP $script: not in this checkout" | tee -a "$LOG"
+    echo "- $script: not in this checkout" >> "$STEPS"
+    return 0
+  fi
+  step "$script $*" "$limit" "$PYTHON" "benchmarks/$script" "$@"
+  { echo "### $script $*"; echo; grep -E '^\|' "$STEP_OUT" || echo "(no table)"; echo; } >> "$MD"
+}
+
+
+# 1. Build the extension (in place, so the benchmarks import it from the checkout).
+if [ $DRY = 0 ] || [ $WITH_BUILD = 1 ]; then
+  step "build extension" 240 env MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" setup.py build_ext --inplace
+fi
+
+# 2. GPU tests (files that exist; kernels and extension against their references).
+if [ $DRY = 0 ] || [ $WITH_TESTS = 1 ]; then
+  GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_covariance.py tests/test_kernels_update.py tests/test_kernels_dispatch.py tests/test_ext_nvcc.py tests/test_linalg.py tests/test_published_mode.py"}
+  files=()
+  for f in $GPU_TESTS; do [ -f "$f" ] && files+=("$f"); done
+  if [ ${#files[@]} -gt 0 ]; then
+    step "gpu tests" 120 "$PYTHON" -m pytest -q -p no:cacheprovider "${files[@]}" \
+      --junitxml="$RESULTS/gpu_tests.xml"
+  fi
+fi
+
+# 3. Benchmarks: the edit end to end first (the product's claim), then its parts.
+EDIT_MODELS=${EDIT_MODELS:-"llama-2-7b gpt-j-6b gpt2-xl"}
+if [ $DRY = 1 ]; then
+  # Miniatures of every architecture (one process), a few requests and steps, one thread.
+  models=$(echo $EDIT_MODELS | tr ' ' ',')
+  bench bench_edit.py 120 --model "$models" --tiny --device "$DEVICE" --n 2,4 \
+    --published-max-n 2 --stats-samples 40 --stats-max-length 32 --steps 3 --threads 1
+  bench bench_stats.py 30 --model llama-2-7b --tiny --device "$DEVICE" --samples 8 \
+    --max-length 24 --threads 1
+  bench_nomd bench_covariance.py 30 --device "$DEVICE" --small --small-d 64 --small-t 256
+  bench_nomd bench_update.py 30 --device "$DEVICE" --small --small-dk 64 --small-dh 32 --small-n 8
+  bench_nomd bench_linalg.py 30 --device "$DEVICE" --dk 64 --n 8 --rep 1
+else
+  # N = 100 in both modes (the side-by-side ratio), then the fast path up the sizes until
+  # the step's budget would be overrun (bench_edit.py --budget-s extrapolates).
+  for m in $EDIT_MODELS; do
+    n="100,1000,10000"
+    [ "$m" = gpt2-xl ] && n="100,1000,10000,100000"
+    bench bench_edit.py 110 --model "$m" --device cuda --dtype bfloat16 --n "$n" \
+      --published-max-n 100 --stats-samples 1000 --stats-max-length 256 \
+      --target-chunk 512 --key-chunk 512 --budget-s 100
+  done
+  bench bench_stats.py 45 --model llama-2-7b --device cuda --samples 1000 --max-length 256 \
+    --batch-size 16
+  bench_nomd bench_covariance.py 40 --device cuda
+  bench_nomd bench_update.py 45 --device cuda
+  bench_nomd bench_linalg.py 60 --device cuda
+fi
+
+# 4. Plots from every CSV in the results folder.
+step "plot" 60 "$PYTHON" benchmarks/plot.py --results "$RESULTS" --out "$RESULTS"
+
+{
+  echo "## Steps"
+  echo
+  cat "$STEPS"
+  echo
+  echo "Total $(( $(date +%s) - START ))s."
+} >> "$MD"
+rm -f "$STEPS" "$STEP_OUT"
+
+if [ $PACK = 1 ]; then
+  (cd "$RESULTS" && tar czf gpu_suite_results.tar.gz --exclude gpu_suite_results.tar.gz \
+    --exclude suite.md --exclude suite.log . && \
+    find . -maxdepth 1 -type f ! -name gpu_suite_results.tar.gz ! -name suite.md \
+      ! -name suite.log -delete)
+fi
+
+echo "results in $RESULTS ($(( $(date +%s) - START ))s)"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "FAILED steps: ${FAILED[*]}" >&2
+  exit 1
+fi
+exit 0

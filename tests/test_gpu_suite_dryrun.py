@@ -1,0 +1,45 @@
+"""``benchmarks/gpu_suite.sh --dry-run`` runs end to end on the CPU (tiny sizes), so the GPU
+suite cannot rot between the sessions that have a GPU."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = REPO / "benchmarks" / "gpu_suite.sh"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_suite_syntax():
+    subprocess.run(["bash", "-n", str(SUITE)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_suite_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        ["bash", str(SUITE), "--dry-run", "--budget", "300"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = (tmp_path / "suite.log").read_text() if (tmp_path / "suite.log").exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log[-4000:]
+    md = (tmp_path / "suite.md").read_text()
+    assert "published/fast" in md  # the side-by-side table of bench_edit.py
+    assert "FAILED" not in md
+    rows = (tmp_path / "edit.csv").read_text().splitlines()
+    for arch in ("llama-2-7b-tiny", "gpt-j-6b-tiny", "gpt2-xl-tiny"):
+        assert any(arch in r and ",ratio," in r for r in rows), arch
+    assert (tmp_path / "stats.csv").exists()
+    for png in ("edit_time_vs_n.png", "edit_speedup.png", "stats_passes.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    # Nothing was written into the repository's own results folder.
+    assert not any(p.name.startswith(".step") for p in (REPO / "benchmarks" / "results").glob(".*"))
