@@ -99,7 +99,15 @@ ext_modules, cmdclass = ext_modules_and_cmdclass()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"memit_fast": ["resources/*.txt", "resources/*.json", "resources/*.safetensors"]},
+    package_data={
+        "memit_fast": [
+            "resources/*.txt",
+            "resources/*.json",
+            "resources/*.md",
+            "resources/*.safetensors",
+            "resources/world/*",
+        ]
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
