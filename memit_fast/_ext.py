@@ -36,17 +36,23 @@ def _built_for() -> str:
     return m.group(1).decode() if m else "unknown"
 
 
+def _import() -> ModuleType:
+    from memit_fast import _C
+
+    return _C
+
+
 @functools.cache
 def load() -> ModuleType | None:
     """The extension module with its ops registered as ``torch.ops.memit_fast.*``, or
     ``None`` (one warning) when it is missing, fails to load or was built for another
     torch."""
+    if importlib.util.find_spec("memit_fast._C") is None:
+        log.info("memit_fast._C is not built; using the torch references")
+        return None
     try:
-        from memit_fast import _C
+        _C = _import()
     except ImportError as e:
-        if "No module named" in str(e):
-            log.info("memit_fast._C is not built; using the torch references")
-            return None
         warnings.warn(
             f"memit_fast._C (built for {_built_for()}) failed to load ({e}); found {_found()}. "
             "Rebuild with `pip install --no-build-isolation -e .`; using the torch references.",
