@@ -559,6 +559,8 @@ def bench_model(name: str, args, modes: list[str]) -> None:
                 mode, model, tok, cfg, reqs, corpus, device, args.published_stats, args.key_batch
             )
             q = quality(model, tok, reqs) if args.eval else {}
+            steps = res.targets.steps.float()
+            t["steps_mean"], t["steps_max"] = float(steps.mean()), float(steps.max())
             res.revert()
             del res
             gc.collect()
@@ -571,6 +573,8 @@ def bench_model(name: str, args, modes: list[str]) -> None:
             emit(n, mode, "edits_per_s", round(n / t["total"], 4), "edits/s")
             emit(n, mode, "edits_per_s_excl_statistics", round(n / t["total_excl_statistics"], 4), "edits/s")  # fmt: skip
             emit(n, mode, "peak_memory", peak, f"bytes ({kind})")
+            emit(n, mode, "adam_steps_mean", t["steps_mean"], "steps/request")
+            emit(n, mode, "adam_steps_max", t["steps_max"], "steps")
             for k, v in q.items():
                 if v is not None:
                     emit(n, mode, k, v, "fraction")
@@ -629,7 +633,12 @@ def summary_rows(n, results, t_templates, unedited) -> list[dict]:
         row[m] = f"{n / t['total']:.3f}"
         mem[m] = f"{peak / 2**20:.0f}"
         mem["metric"] = f"peak memory MiB ({kind})"
-    out += [row, mem]
+    steps = {"N": n, "metric": "Adam steps per request (mean / max)", "published/fast": ""}
+    for m in ("fast", "published"):
+        steps[m] = (
+            f"{get[m][0]['steps_mean']:.1f} / {get[m][0]['steps_max']:.0f}" if m in get else ""
+        )
+    out += [row, mem, steps]
     for k in ("ES", "PS", "NS"):
         vals = {m: get[m][3].get(k) for m in get}
         if all(v is None for v in vals.values()):

@@ -43,8 +43,11 @@ def config(**kw):
     return EditConfig(**base)
 
 
-@pytest.mark.parametrize("make", [make_gpt2, make_llama], ids=["gpt2", "llama"])
-@pytest.mark.parametrize("structure", ["stop", "full"])
+@pytest.mark.parametrize(
+    "make, structure",
+    [(make_gpt2, "stop"), (make_llama, "stop"), (make_llama, "full")],
+    ids=["gpt2-stop", "llama-stop", "llama-full"],
+)
 def test_published_structure_matches_engine(make, structure):
     tok = make_tokenizer()
     cfg = config()
