@@ -96,6 +96,9 @@ class Bench:
         for p in la.candidate_precisions(self.device):
             self.timed(dk, "-", f"cholesky_{p}", lambda p=p: la.cholesky(A64, p, use_ext=use_ext))
         t, solver = self.timed(dk, "-", "layer_solver_init", lambda: la.LayerSolver(C, LAM))
+        self.fixed = {
+            p: la.LayerSolver(C, LAM, precision=p, use_ext=self.use_ext) for p in ("fp32", "fp64")
+        }
         for p, hist in solver.selection.items():
             if isinstance(hist, list):  # backward errors of the probe's refinement
                 self.record(dk, "-", f"probe_{p}", "steps", len(hist) - 1, "steps")
@@ -121,6 +124,7 @@ class Bench:
         self.record(dk, n, "layer_solve", "uses_update", int(solver.prefers_update(n)), "-")
         for variant, fn in [
             ("layer_solve", lambda: solver.solve(K)),
+            *[(f"layer_solve_{p}", lambda s=s: s.solve(K)) for p, s in self.fixed.items()],
             ("memit_solve", lambda: la.memit_solve(C, K, LAM, use_ext=use_ext)),
         ]:
             t, U = self.timed(dk, n, variant, fn)
@@ -136,7 +140,10 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=3)
     ap.add_argument("--stats", help="safetensors file with a real C (tensor 'C'); ignores --dk")
     ap.add_argument("--no-ext", action="store_true", help="time the torch references")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     bench = Bench(device, args.rep, False if args.no_ext else None)
     if args.stats:

@@ -330,6 +330,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
     check_device(L, *A, op, "A");
     TORCH_CHECK(
         A->size(0) == n, op, ": A must be (", n, ", ", n, ") to match L, got ", A->sizes());
+    check_finite(*A, op, "A");
   }
   if (K.has_value()) {
     check_matrix(*K, op, "K");
@@ -337,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
     check_device(L, *K, op, "K");
     TORCH_CHECK(
         K->size(0) == n, op, ": K must have ", n, " rows to match L, got shape ", K->sizes());
+    check_finite(*K, op, "K");
   }
 
   const bool vector = B.dim() == 1;

@@ -226,8 +226,10 @@ def torch_cholesky_solve(
         _check_square(A, op, "A")
         if A.shape[0] != n:
             raise ValueError(f"{op}: A must be ({n}, {n}) to match L, got {tuple(A.shape)}")
+        _check_finite(A, op, "A")
     if K is not None:
         _check_rows(K, n, op, "K", (2,))
+        _check_finite(K, op, "K")
     B2 = B.unsqueeze(1) if B.dim() == 1 else B
     if A is None:
         X, history = torch.cholesky_solve(B2.to(L.dtype), L), torch.empty(0, dtype=torch.float64)
@@ -334,11 +336,10 @@ def torch_memit_solve(C: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Ten
     return torch.cholesky_solve(Kd, L)
 
 
-def _accept(history: torch.Tensor, n: int, precision: str, auto: bool) -> bool:
-    """Converged, and (for ``auto``, below fp64) in at most ``AUTO_MAX_STEPS`` corrections."""
-    if not converged(history, n):
-        return False
-    return not auto or precision == "fp64" or history.numel() - 1 <= AUTO_MAX_STEPS
+def _trial_steps(refine_steps: int, precision: str, auto: bool) -> int:
+    """Refinement steps allowed to a candidate: ``auto`` gives a reduced precision at most
+    ``AUTO_MAX_STEPS`` (the refinement gives up early when its rate cannot get there)."""
+    return refine_steps if not auto or precision == "fp64" else min(refine_steps, AUTO_MAX_STEPS)
 
 
 def _refined_solve(
@@ -352,16 +353,20 @@ def _refined_solve(
     block_size: int,
     use_ext: bool | None,
 ) -> tuple[torch.Tensor, str, torch.Tensor]:
-    """Factor the float64 ``A`` at the first of ``precisions`` whose refinement is
-    accepted and solve ``A X = B``; returns ``(X float64, precision, history)``."""
+    """Factor the float64 ``A`` at the first of ``precisions`` whose refinement converges
+    and solve ``A X = B``; returns ``(X float64, precision, history)``. A float64 factor
+    of ``A`` itself needs no refinement: its solve is the float64 solve (history empty)."""
     failures = []
     for p in precisions:
         L, info = cholesky(A, p, block_size=block_size, check_errors=False, use_ext=use_ext)
         if int(info) > 0:
             failures.append(_not_pd_message(int(info) - 1, A.shape[0], p, what))
             continue
-        X, history = cholesky_solve(L, B, A, None, refine_steps, use_ext=use_ext)
-        if _accept(history, A.shape[0], p, auto):
+        if p == "fp64":
+            return cholesky_solve(L, B, use_ext=use_ext)[0], p, torch.empty(0, dtype=torch.float64)
+        steps = _trial_steps(refine_steps, p, auto)
+        X, history = cholesky_solve(L, B, A, None, steps, use_ext=use_ext)
+        if converged(history, A.shape[0]):
             return X, p, history
         failures.append(f"{p}: refinement backward errors {history.tolist()}")
     raise IllConditionedError("; ".join(failures))
@@ -445,6 +450,11 @@ class LayerSolver:
             raise ValueError(f"{name or 'LayerSolver'}: C must be square, got {tuple(C.shape)}")
         if not (math.isfinite(lam) and lam > 0):
             raise ValueError(f"{name or 'LayerSolver'}: lambda must be finite and > 0, got {lam}")
+        if not bool(torch.isfinite(C).all()):
+            raise ValueError(
+                f"{name or 'LayerSolver'}: the key statistics C contain NaN or Inf; "
+                "recompute them (in fp32) or check the model's activations"
+            )
         self.lam = float(lam)
         self.name = name
         self.refine_steps = refine_steps
@@ -466,9 +476,10 @@ class LayerSolver:
                 self.selection[p] = f"pivot failed at column {int(info) - 1}"
                 failures.append(_not_pd_message(int(info) - 1, C.shape[0], p, what))
                 continue
-            _, history = cholesky_solve(L, probe, self.A, None, refine_steps, use_ext=use_ext)
+            steps = _trial_steps(refine_steps, p, precision == "auto")
+            _, history = cholesky_solve(L, probe, self.A, None, steps, use_ext=use_ext)
             self.selection[p] = history.tolist()
-            if _accept(history, self.dk, p, precision == "auto"):
+            if converged(history, self.dk):
                 self.precision, self.L = p, L
                 break
             failures.append(f"{p}: refinement backward errors {history.tolist()}")

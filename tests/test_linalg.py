@@ -239,6 +239,8 @@ def test_bad_input_names_the_problem(use_ext):
         la.cholesky_solve(L, torch.full((7, 2), float("inf")), use_ext=use_ext)
     with pytest.raises(ERRORS, match="7"):
         la.cholesky_solve(L, torch.ones(5, 2), use_ext=use_ext)
+    with pytest.raises(ERRORS, match="A contains NaN or Inf"):
+        la.cholesky_solve(L, torch.ones(7, 2), torch.full((7, 7), float("nan")), use_ext=use_ext)
     with pytest.raises(ERRORS, match="needs A"):
         la.cholesky_solve(L, torch.ones(7, 2), None, torch.ones(7, 1), use_ext=use_ext)
     with pytest.raises((*ERRORS, NotImplementedError), match="(?i)meta"):
@@ -321,6 +323,8 @@ def test_layer_solver_singular_stats_raise_with_the_fix():
         la.LayerSolver(X @ X.T / 10, 1e4, name="layer 5")
     with pytest.raises(ValueError, match="lambda must be finite and > 0"):
         la.LayerSolver(spd(7, 1e2), 0.0)
+    with pytest.raises(ValueError, match="statistics C contain NaN"):
+        la.LayerSolver(torch.full((7, 7), float("nan")), 1.0)
 
 
 @pytest.mark.parametrize("use_ext", PATHS)
@@ -330,3 +334,43 @@ def test_memit_solve_matches_reference(use_ext):
     assert rel(U, la.torch_memit_solve(C, K, 1e3)) <= 1e-10
     U64 = la.memit_solve(C, K, 1e3, precision="fp64", use_ext=use_ext)
     assert rel(U64, la.torch_memit_solve(C, K, 1e3)) <= 1e-12
+
+
+@functools.cache
+def world_model_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """Key statistics of block 1 of the committed tiny trained GPT-2 (memit_fast.testing's
+    world model, dk = 512) over WikiText-2: condition number ~3e4."""
+    from memit_fast.testing import load_world
+
+    model, tok, _ = load_world()
+    with open(os.path.join(WIKITEXT, "valid.txt")) as f:
+        ids = tok(f.read(100_000), return_tensors="pt").input_ids[0]
+    T = model.config.n_positions
+    ids = ids[: (ids.numel() // T) * T].view(-1, T)[:48]
+    seen: list[torch.Tensor] = []
+    hook = model.transformer.h[1].mlp.c_proj.register_forward_pre_hook(
+        lambda mod, inp: seen.append(inp[0].reshape(-1, inp[0].shape[-1]))
+    )
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    keys = torch.cat(seen)
+    return (keys.T @ keys) / keys.shape[0], keys[::97][:64].T.contiguous()
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_layer_solver_on_trained_tiny_model_stats(use_ext):
+    try:
+        C, K = world_model_stats()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    lam = 1e3
+    L, _ = la.cholesky(lam * C, "fp32", use_ext=use_ext)
+    assert rel(L.double() @ L.double().T, lam * C.double()) <= 1e-6
+    solver = la.LayerSolver(C, lam, use_ext=use_ext)
+    for part in (K[:, :8], K[:, 8:]):
+        assert rel(solver.solve(part), la.torch_memit_solve(C, part, lam)) <= 1e-10
+    solver.commit(K[:, :8])
+    Kd = K.double()
+    A = lam * C.double() + Kd[:, :8] @ Kd[:, :8].T + Kd[:, 8:] @ Kd[:, 8:].T
+    assert rel(solver.solve(K[:, 8:]), torch.linalg.solve(A, Kd[:, 8:])) <= 1e-10
