@@ -1,0 +1,55 @@
+"""The CUDA kernels of memit_fast._C against the float64 references (runs where a GPU is
+present and the extension was built with nvcc; skips elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_linalg import rel, rhs, spd
+
+from memit_fast import _ext
+from memit_fast import linalg as la
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ext.has_kernel("cholesky", "cuda")),
+    reason="no CUDA device or no CUDA kernels in memit_fast._C",
+)
+
+
+@pytest.mark.parametrize(
+    "precision, tol", [("fp64", 1e-14), ("fp32", 1e-6), ("tf32", 1e-3), ("bf16", 1e-2)]
+)
+@pytest.mark.parametrize("n", [7, 1000, 2500])
+def test_factor_on_cuda(precision, tol, n):
+    A = spd(n, 1e3).cuda()
+    L, info = la.cholesky(A, precision, use_ext=True)
+    assert int(info) == 0 and L.is_cuda
+    assert rel(L.double() @ L.double().T, A) <= tol
+
+
+@pytest.mark.parametrize("k", [1, 100, 1200])
+def test_update_on_cuda(k):
+    A, K = spd(1000, 1e6).cuda(), rhs(1000, k, scale=0.1).cuda()
+    L = la.cholesky_update(torch.linalg.cholesky(A), K, use_ext=True)
+    assert rel(L, torch.linalg.cholesky(A + K @ K.T)) <= 1e-6
+    L32 = la.cholesky_update(torch.linalg.cholesky(A).float(), K, use_ext=True)
+    assert rel(L32.double() @ L32.double().T, A + K @ K.T) <= 1e-6
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32", "fp64"])
+def test_refined_solve_on_cuda(precision):
+    A, B = spd(1000, 1e2).cuda(), rhs(1000, 50).cuda()
+    L, _ = la.cholesky(A, precision, use_ext=True)
+    X, history = la.cholesky_solve(L, B, A, use_ext=True)
+    assert la.converged(history, 1000), history
+    assert rel(X, torch.linalg.solve(A, B)) <= 1e-10
+
+
+def test_layer_solver_on_cuda():
+    C, K = spd(1000, 1e5, seed=2).cuda(), rhs(1000, 64, scale=0.05).cuda()
+    solver = la.LayerSolver(C, 2.0, use_ext=True)
+    assert rel(solver.solve(K), la.torch_memit_solve(C, K, 2.0)) <= 1e-10
+    solver.commit(K[:, :10])
+    Kd = K[:, 10:]
+    A = 2.0 * C + K[:, :10] @ K[:, :10].T + Kd @ Kd.T
+    assert rel(solver.solve(Kd), torch.linalg.solve(A, Kd)) <= 1e-10
