@@ -143,6 +143,31 @@ void trailing_update(at::Tensor& W, const at::Tensor& L21, int64_t off, int64_t 
   }
 }
 
+// Blocked right-looking Cholesky of W in place (lower triangle): each panel factored in
+// W's dtype, its trailing update at precision p. Returns 0, or the order of the first
+// leading minor that is not positive definite.
+int64_t blocked_cholesky_(at::Tensor& W, int64_t nb, Precision p) {
+  const int64_t n = W.size(0);
+  for (int64_t j = 0; j < n; j += nb) {
+    const int64_t jb = std::min(nb, n - j);
+    at::Tensor A11 = W.narrow(0, j, jb).narrow(1, j, jb);
+    auto [L11, info] = at::linalg_cholesky_ex(A11, /*upper=*/false, /*check_errors=*/false);
+    const int64_t k = info.item<int64_t>();
+    if (k > 0) {
+      return j + k;
+    }
+    A11.copy_(L11);
+    const int64_t m = n - j - jb;
+    if (m == 0) {
+      break;
+    }
+    at::Tensor A21 = W.narrow(0, j + jb, m).narrow(1, j, jb);
+    A21.copy_(at::linalg_solve_triangular(L11.mT(), A21, /*upper=*/true, /*left=*/false));
+    trailing_update(W, A21, j + jb, nb, p);
+  }
+  return 0;
+}
+
 // ---------------------------------------------------------------------------------------
 // Compact WY form of the Householder reflectors of one update panel.
 
@@ -215,26 +240,19 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
   const int64_t n = A.size(0);
   const auto dtype = p == Precision::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor W = A.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  const int64_t nb = block_size > 0 ? block_size : default_block_size(A);
 
+  // Where the trailing updates run in the panels' own precision, the vendor's potrf
+  // (LAPACK / cuSOLVER) is this same blocked right-looking algorithm, tuned and in one
+  // call: it serves unless a block size is asked for.
+  const bool same_precision = p == Precision::kFloat64 || p == Precision::kFloat32 ||
+      (p == Precision::kTF32 && !A.is_cuda());
   int64_t failed = 0;  // LAPACK convention: order of the first minor that is not PD
-  for (int64_t j = 0; j < n; j += nb) {
-    const int64_t jb = std::min(nb, n - j);
-    at::Tensor A11 = W.narrow(0, j, jb).narrow(1, j, jb);
-    auto [L11, info] = at::linalg_cholesky_ex(A11, /*upper=*/false, /*check_errors=*/false);
-    const int64_t k = info.item<int64_t>();
-    if (k > 0) {
-      failed = j + k;
-      break;
-    }
-    A11.copy_(L11);
-    const int64_t m = n - j - jb;
-    if (m == 0) {
-      break;
-    }
-    at::Tensor A21 = W.narrow(0, j + jb, m).narrow(1, j, jb);
-    A21.copy_(at::linalg_solve_triangular(L11.mT(), A21, /*upper=*/true, /*left=*/false));
-    trailing_update(W, A21, j + jb, nb, p);
+  if (block_size <= 0 && same_precision) {
+    auto [L, info] = at::linalg_cholesky_ex(W, /*upper=*/false, /*check_errors=*/false);
+    W = L;
+    failed = info.item<int64_t>();
+  } else {
+    failed = blocked_cholesky_(W, block_size > 0 ? block_size : default_block_size(A), p);
   }
   TORCH_CHECK(
       !(check_errors && failed > 0), op,
@@ -242,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
       " of ", n, " (0-based, trailing precision ", precision_name(p),
       "). For MEMIT's lambda*C + K K^T: use a larger lambda (mom2_update_weight), more "
       "statistics samples, or a higher precision");
-  W.tril_();
+  W.tril_();  // (potrf leaves the failed part of its result unspecified)
   return {W, at::scalar_tensor(failed, A.options().dtype(at::kInt))};
 }
 
