@@ -165,6 +165,10 @@ def arch_config(name: str, tiny: bool, vocab: int):
     """The config of a published architecture (or a few-block miniature of it)."""
     from transformers import GPT2Config, GPTJConfig, LlamaConfig
 
+    GPT2Config, GPTJConfig, LlamaConfig = (
+        functools.partial(c, bos_token_id=0, eos_token_id=0, pad_token_id=0)  # bench_tokenizer
+        for c in (GPT2Config, GPTJConfig, LlamaConfig)
+    )
     if name == "gpt2-xl":
         if tiny:
             return GPT2Config(n_layer=6, n_embd=64, n_head=4, n_positions=256, vocab_size=vocab)
@@ -217,7 +221,7 @@ def random_model(name: str, dtype: torch.dtype, device: torch.device, tiny: bool
 
     tok = bench_tokenizer()
     cfg = arch_config(name, tiny, vocab=len(tok))
-    cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = tok.eos_token_id
+    assert tok.eos_token_id == 0, "arch_config assumes the end-of-text token is id 0"
     torch.manual_seed(seed)
     with _default_dtype(dtype), torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -503,8 +507,12 @@ def bench_model(name: str, args, modes: list[str]) -> None:
         over["target_chunk_size"] = args.target_chunk
     if args.key_chunk is not None:
         over["key_chunk_size"] = args.key_chunk
-    cfg = auto_config(model, **over)
     corpus = args.corpus or str(default_corpus_path())
+    if name == "world" and args.corpus is None:
+        # The world model knows only its own language: statistics from its documents.
+        corpus = world.corpus_texts(n=2000)
+        over.setdefault("stats_samples", len(corpus))
+    cfg = auto_config(model, **over)
     dev_label = device_name(device)
     print(f"# {model_label} on {dev_label}, {dtype_name}; layers {list(cfg.layers)}", flush=True)
 
