@@ -107,7 +107,7 @@ def fused_solve_update(
 ) -> None:
     """``W += R (A^-1 K)^T`` with ``A = L L^T`` (``L (dk, dk)`` the lower Cholesky factor of
     ``lambda C + K K^T``, ``K (dk, n)``, ``R (dh, n)``), never forming ``A^-1`` or the dense
-    update. The Triton path solves in fp32 (3-pass TF32 GEMMs): an opt-in fast path, not
+    update. The Triton path solves in fp32 (bf16x6 tensor-core GEMMs): an opt-in fast path, not
     the engine's default float64 solve."""
     if (
         W.dtype in _KERNEL_DTYPES

@@ -61,6 +61,19 @@ def arch_of(device: torch.device) -> int:
     return 90 if major in (9, 10) else 80
 
 
+def fp32_dot_precision(device: torch.device) -> str:
+    """``tl.dot`` input precision for fp32 operands that may use the tensor cores.
+
+    On the GPU (and for ahead-of-time builds, planned on ``meta`` tensors) this is
+    ``bf16x6``: each fp32 operand is split into three bf16 parts and the six products that
+    matter are accumulated in fp32, so each product is good to about fp32 rounding (single
+    pass TF32 keeps 11 bits; the 3-pass TF32 split about 21). Six bf16 MMAs cost what three
+    TF32 ones do. The interpreter (CPU tensors) knows no ``bf16x6`` and computes every dot in
+    IEEE fp32 anyway: ``ieee`` there.
+    """
+    return "ieee" if device.type == "cpu" else "bf16x6"
+
+
 def torch_to_triton_dtype(dtype: torch.dtype) -> str:
     """Triton's name for a tensor element type, as in a kernel signature (``fp32``, ...)."""
     names = {

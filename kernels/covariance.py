@@ -8,8 +8,8 @@ One program per lower-triangle tile, streaming ``X`` through the reduction over 
 (tokens) in ``block_k`` steps. Masked-out rows are never loaded (their memory may hold
 anything, NaN included). Accumulation is fp32 for every input dtype: 16-bit inputs go to
 the tensor cores with fp32 accumulators (their products are exact in fp32); fp32 inputs use
-the 3-pass TF32 split (``tf32x3``), whose error is at the level of fp32 rounding, not of
-single-pass TF32.
+the 6-pass bf16 split (``bf16x6``, see ``_launch.fp32_dot_precision``), whose products are
+good to about fp32 rounding, never single-pass TF32.
 
 Tile order: row groups of ``group`` tile rows are walked column by column (the usual GEMM
 swizzle, restricted to the triangle), so the tiles in flight at once share a few column
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelConfig, Launch, arch_of
+from ._launch import KernelConfig, Launch, arch_of, fp32_dot_precision
 from .reference import check_covariance_args
 
 # (arch family, operand kind) -> tile config. Square tiles (block_m == block_n).
@@ -41,10 +41,10 @@ def operand_kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: 3-pass TF32 for fp32 operands (fp32-level error);
-    16-bit operands ignore it."""
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``tl.dot`` input precision: ``fp32_dot_precision`` for fp32 operands; 16-bit operands
+    ignore it."""
+    return fp32_dot_precision(device) if dtype == torch.float32 else "ieee"
 
 
 @triton.jit
@@ -143,7 +143,7 @@ def plan_covariance_accumulate(
         BLOCK=cfg.block_m,
         BLOCK_T=cfg.block_k,
         GROUP=cfg.group,
-        PRECISION=dot_precision(X.dtype),
+        PRECISION=dot_precision(X.dtype, X.device),
     )
     return [Launch(_covariance_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)]
 

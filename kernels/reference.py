@@ -92,10 +92,12 @@ def check_update_args(
     U: torch.Tensor,
     transposed: bool,
     name: str = "lowrank_update",
+    u_name: str = "U",
 ) -> None:
+    """Shapes, devices and dtypes of ``W += R U^T`` (``U`` is called ``u_name`` in messages)."""
     if W.dim() != 2 or R.dim() != 2 or U.dim() != 2:
         raise ValueError(
-            f"{name}: W, R and U must be 2-D, got {tuple(W.shape)}, {tuple(R.shape)}, "
+            f"{name}: W, R and {u_name} must be 2-D, got {tuple(W.shape)}, {tuple(R.shape)}, "
             f"{tuple(U.shape)}"
         )
     dh, dk = (W.shape[1], W.shape[0]) if transposed else (W.shape[0], W.shape[1])
@@ -103,9 +105,10 @@ def check_update_args(
     if R.shape[0] != dh or U.shape[0] != dk or R.shape[1] != U.shape[1]:
         raise ValueError(
             f"{name}: W {tuple(W.shape)} read as {layout} needs R (dh={dh}, n) and "
-            f"U (dk={dk}, n) with the same n, got R {tuple(R.shape)} and U {tuple(U.shape)}"
+            f"{u_name} (dk={dk}, n) with the same n, got R {tuple(R.shape)} and "
+            f"{u_name} {tuple(U.shape)}"
         )
-    for t, nm in ((R, "R"), (U, "U")):
+    for t, nm in ((R, "R"), (U, u_name)):
         if t.device != W.device:
             raise ValueError(f"{name}: {nm} is on {t.device} but W on {W.device}")
         if not t.is_floating_point():
@@ -130,7 +133,7 @@ def torch_lowrank_update(
 def check_solve_args(
     W: torch.Tensor, L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, transposed: bool
 ) -> None:
-    check_update_args(W, R, K, transposed, name="fused_solve_update")
+    check_update_args(W, R, K, transposed, name="fused_solve_update", u_name="K")
     dk = K.shape[0]
     if L.shape != (dk, dk):
         raise ValueError(

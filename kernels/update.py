@@ -13,12 +13,16 @@ then ``W += R U^T`` as above. Blocked right-looking substitution: the diagonal b
 ``L`` (``solve_block`` wide) are inverted once in float64 (small, batched), so each block
 step is two GEMMs: ``U_b = L_bb^-1 Y_b`` and the trailing update ``Y_rest -= L_rest,b U_b``;
 the backward sweep uses ``L^T`` through strides, never a transposed copy. ``A^-1`` is never
-formed. Everything is fp32 with the 3-pass TF32 split on the tensor cores (fp32-level error);
-this is the optional fast path, the default engine solves in float64 elsewhere.
+formed. Everything is fp32, the GEMMs on the tensor cores with the 6-pass bf16 split
+(``bf16x6``: products good to about fp32 rounding). Measured on the CPU with an emulation of
+that split, the result is within a few times the error of fp32 ``cholesky_solve`` (the
+explicit inverses of the diagonal blocks cost a little accuracy against substitution). This
+is the optional fast path; the default engine solves in float64 elsewhere.
 
 The GEMMs of the solve can run on cuBLAS instead (``gemm_backend="cublas"``: plain fp32
 ``addmm``, no TF32). ``benchmarks/bench_update.py`` times both; the default is Triton because
-fp32 cuBLAS GEMMs cannot use the tensor cores without dropping to single-pass TF32.
+fp32 cuBLAS GEMMs cannot use the tensor cores without dropping to single-pass TF32 (11 bits),
+while ``bf16x6`` runs on them at the cost of three TF32 passes.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelConfig, Launch, arch_of
+from ._launch import KernelConfig, Launch, arch_of, fp32_dot_precision
 from .reference import check_solve_args, check_update_args
 
 # (arch family, operand kind) -> tile config of W += P Q^T.
@@ -157,14 +161,15 @@ def _grid_2d(M: int, N: int, cfg: KernelConfig) -> tuple[int]:
     return (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
 
 
-def update_precision(w_dtype: torch.dtype, operand_dtype: torch.dtype) -> str:
+def update_precision(w_dtype: torch.dtype, operand_dtype: torch.dtype, device: torch.device) -> str:
     """``tl.dot`` input precision of the rank-n product. 16-bit operands: exact products
-    (the setting is ignored). fp32 operands: IEEE fp32 when ``W`` is fp32 (bit-for-bit the
-    reference's arithmetic, up to summation order); the 3-pass TF32 split when ``W`` is
-    16-bit, whose error (about 2^-21 of each product) stays far below the rounding of ``W``."""
-    if operand_dtype != torch.float32:
+    (the setting is ignored). fp32 operands: IEEE fp32 when ``W`` is fp32 (the reference's
+    arithmetic, up to summation order; fp32 weights belong to small models); the 6-pass
+    bf16 split (``fp32_dot_precision``) when ``W`` is 16-bit, whose error stays far below
+    the rounding of ``W``."""
+    if operand_dtype != torch.float32 or w_dtype == torch.float32:
         return "ieee"
-    return "ieee" if w_dtype == torch.float32 else "tf32x3"
+    return fp32_dot_precision(device)
 
 
 def lowrank_operands(
@@ -213,7 +218,7 @@ def plan_lowrank_update(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP=cfg.group,
-        PRECISION=update_precision(W.dtype, P.dtype),
+        PRECISION=update_precision(W.dtype, P.dtype, W.device),
     )
     return [
         Launch(
@@ -278,7 +283,7 @@ class GemmStep:
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
             GROUP=cfg.group,
-            PRECISION="tf32x3",
+            PRECISION=fp32_dot_precision(self.C.device),
         )
         return Launch(
             _gemm_kernel, _grid_2d(M, N, cfg), args, constexprs, cfg.num_warps, cfg.num_stages
@@ -372,7 +377,7 @@ def triton_fused_solve_update(
     ``L (dk, dk)`` lower Cholesky factor of ``lambda C + K K^T`` (read as fp32; float64 is
     rounded to fp32: this is the low-precision option); ``K (dk, n)``; ``R (dh, n)``;
     ``W`` as in ``triton_lowrank_update``. Workspace: two ``(dk, n)`` fp32 buffers.
-    ``gemm_backend``: ``"triton"`` (3-pass TF32 tensor-core GEMMs) or ``"cublas"`` (fp32
+    ``gemm_backend``: ``"triton"`` (bf16x6 tensor-core GEMMs) or ``"cublas"`` (fp32
     ``addmm``) for the GEMMs of the solve; the final update is always the Triton kernel.
     """
     check_solve_args(W, L, K, R, transposed)

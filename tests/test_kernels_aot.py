@@ -66,10 +66,10 @@ def odd_report(tmp_path_factory):
 
 
 def uses_tensor_cores(launch) -> bool:
-    """16-bit operands, or fp32 operands through the 3-pass TF32 split."""
+    """16-bit operands, or fp32 operands through the bf16x6 split."""
     ops = [a for a in launch.args[1:3] if isinstance(a, torch.Tensor)]
     sixteen = all(a.dtype in (torch.float16, torch.bfloat16) for a in ops)
-    return sixteen or launch.constexprs.get("PRECISION") == "tf32x3"
+    return sixteen or launch.constexprs.get("PRECISION") == "bf16x6"
 
 
 def _check(report: dict, arch: int, name: str) -> None:
@@ -132,22 +132,34 @@ def test_every_op_and_config_is_covered():
 
 
 def _signature(launches):
-    return [(lc.kernel, lc.constexprs, lc.num_warps, lc.num_stages) for lc in launches]
+    """Kernel, block constexprs and schedule of each launch: everything but PRECISION."""
+    return [
+        (
+            lc.kernel,
+            {k: v for k, v in lc.constexprs.items() if k != "PRECISION"},
+            lc.num_warps,
+            lc.num_stages,
+        )
+        for lc in launches
+    ]
 
 
 def test_interpreter_runs_the_sm90_configs():
-    """CPU tensors (the interpreter in the other kernel tests) get the sm_90 configs, which
-    are the ones compiled above."""
+    """CPU tensors (the interpreter in the other kernel tests) get the sm_90 block configs,
+    which are the ones compiled above. Only the fp32 dot precision differs: the interpreter
+    has no bf16x6 and computes IEEE fp32."""
     for dtype in (torch.float32, torch.float16):
         C, X = torch.zeros(64, 64), torch.zeros(9, 64, dtype=dtype)
-        assert _signature(covariance.plan_covariance_accumulate(C, X)) == _signature(
-            covariance.plan_covariance_accumulate(C, X, arch=90)
-        )
+        Cm, Xm = C.to("meta"), X.to("meta")
+        cpu = covariance.plan_covariance_accumulate(C, X)
+        assert _signature(cpu) == _signature(covariance.plan_covariance_accumulate(Cm, Xm, arch=90))
+        assert cpu[0].constexprs["PRECISION"] == "ieee"
     W, L = torch.zeros(8, 64, dtype=torch.float16), torch.eye(64)
     K, R = torch.zeros(64, 3), torch.zeros(8, 3)
-    assert _signature(update.plan_fused_solve_update(W, L, K, R, False)) == _signature(
-        update.plan_fused_solve_update(W, L, K, R, False, arch=90)
-    )
+    cpu = update.plan_fused_solve_update(W, L, K, R, False)
+    meta = update.plan_fused_solve_update(*(x.to("meta") for x in (W, L, K, R)), False, arch=90)
+    assert _signature(cpu) == _signature(meta)
+    assert {lc.constexprs["PRECISION"] for lc in meta} == {"bf16x6"}
 
 
 def test_specialize_matches_the_jit():

@@ -1,8 +1,8 @@
 """lowrank_update and fused_solve_update: Triton kernels against the torch references.
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (sm_90 block
-configuration; the interpreter computes fp32 dots in IEEE fp32, so the 3-pass TF32 split of
-the GPU is not exercised here)."""
+configuration; the interpreter computes fp32 dots in IEEE fp32, so the bf16x6 split of the
+GPU is not exercised here)."""
 
 from __future__ import annotations
 
@@ -135,12 +135,13 @@ def test_fused_solve_update_matches_reference(w_dtype, dk, n, solve_block, trans
     triton_fused_solve_update(W, Lf, Kf, Rf, transposed, solve_block=solve_block)
     assert_guards_intact(buf, pad)
     exact = exact_update(W0, R, torch.cholesky_solve(K, L), transposed)
-    # Plain torch in fp32 (cholesky_solve + matmul + add) is the error baseline.
+    # Plain torch in fp32 (cholesky_solve + matmul + add) is the error baseline; the blocked
+    # solve multiplies by inverted diagonal blocks, which costs a few times its error.
     Wref = W0.clone().to(DEVICE)
     torch_fused_solve_update(Wref, Lf, Kf, Rf, transposed)
     if w_dtype == torch.float32:
         assert_error_within(
-            W.cpu(), exact, Wref.cpu(), factor=4.0, floor=64 * EPS32, extra_info=info
+            W.cpu(), exact, Wref.cpu(), factor=8.0, floor=64 * EPS32, extra_info=info
         )
     else:
         u = UNIT_ROUNDOFF[w_dtype]
@@ -162,7 +163,7 @@ def test_fused_solve_update_d1000_float64_factor():
         triton_fused_solve_update(
             W, L.to(DEVICE), K.float().to(DEVICE), R.float().to(DEVICE), False, gemm_backend=backend
         )
-        assert_error_within(W.cpu(), exact, Wref, factor=4.0, floor=64 * EPS32, extra_info=backend)
+        assert_error_within(W.cpu(), exact, Wref, factor=8.0, floor=64 * EPS32, extra_info=backend)
 
 
 def test_bad_arguments_are_named():
