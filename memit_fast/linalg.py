@@ -36,8 +36,9 @@ flop (panels and compact WY products; measured with benchmarks/bench_linalg.py: 
 dk = 1536 on the CPU the update beats refactoring 3.4x at n = 100 and 1.7x at n = 400)."""
 
 AUTO_MAX_STEPS = 3
-"""``precision="auto"`` takes a reduced precision only if its refinement reaches float64
-accuracy within this many corrections: each costs a float64 residual (``2 dk^2 n``
+"""``precision="auto"`` takes a reduced precision (a candidate on CUDA; see
+``candidate_precisions``) only if its refinement reaches float64 accuracy within this
+many corrections: each costs a float64 residual (``2 dk^2 n``
 flops) and a pair of triangular solves, which soon outweighs the cheaper factorization
 (see benchmarks/bench_linalg.py and the precision-selection notes there)."""
 
@@ -305,11 +306,18 @@ def converged(history: torch.Tensor, n: int, tol: float = 0.0) -> bool:
 
 
 def candidate_precisions(device: torch.device | str) -> tuple[str, ...]:
-    """Trailing precisions worth trying on ``device``, the cheapest first: the tensor-core
-    formats on CUDA; on the CPU, tf32 and bf16 are no faster than fp32."""
+    """Trailing precisions worth trying on ``device``, the cheapest first.
+
+    CUDA: the tensor-core formats first. CPU: float64 only — measured with
+    benchmarks/bench_linalg.py (dk = 1536, one thread), an fp32 factor is only ~1.5-2x
+    faster to compute than an fp64 one, and the float64 residuals of its refinement cost
+    more than that saves: on SmolLM2-135M's key statistics, where fp32 refinement converges
+    in 2 steps, ``LayerSolver.solve`` took 165 ms (fp32) vs 149 ms (fp64) at n = 100 and
+    990 vs 437 ms at n = 1000; on statistics with cond ~1e6, 165 vs 71 and 694 vs 270 ms.
+    ``precision="fp32"`` still asks for it."""
     if torch.device(device).type == "cuda":
         return ("bf16", "tf32", "fp32", "fp64")
-    return ("fp32", "fp64")
+    return ("fp64",)
 
 
 # ----------------------------------------------------------------------------- solves

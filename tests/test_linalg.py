@@ -266,8 +266,9 @@ def test_not_spd_names_the_column(use_ext, dtype):
 def test_layer_solver_matches_reference_on_tiny_model_stats(use_ext, n):
     C, K = tiny_model_stats()
     lam = 1e3
-    solver = la.LayerSolver(C, lam, use_ext=use_ext)
-    assert solver.precision == "fp32", solver.selection
+    solver = la.LayerSolver(C, lam, precision="fp32", use_ext=use_ext)
+    assert solver.precision == "fp32", solver.selection  # refinement converges at fp32
+    assert la.LayerSolver(C, lam, use_ext=use_ext).precision == "fp64"  # auto, on the CPU
     U = solver.solve(K[:, :n])
     assert U.dtype == torch.float64 and U.shape == (C.shape[0], n)
     assert rel(U, la.torch_memit_solve(C, K[:, :n], lam)) <= 1e-10
@@ -279,7 +280,7 @@ def test_layer_solver_update_and_refactor_paths(use_ext, n):
     """Few keys take the update, many the refactorization; both match float64."""
     dk, lam = 257, 2.0
     C, K = spd(dk, 1e5, seed=4), rhs(dk, n, seed=5, scale=0.05)
-    solver = la.LayerSolver(C, lam, use_ext=use_ext)
+    solver = la.LayerSolver(C, lam, precision="fp32", use_ext=use_ext)
     assert solver.prefers_update(n) == (n == 4)
     assert rel(solver.solve(K), la.torch_memit_solve(C, K, lam)) <= 1e-10
 
@@ -287,7 +288,7 @@ def test_layer_solver_update_and_refactor_paths(use_ext, n):
 @pytest.mark.parametrize("use_ext", PATHS)
 def test_layer_solver_picks_fp64_when_fp32_refinement_fails(use_ext):
     C = spd(257, 1e8, seed=6)
-    solver = la.LayerSolver(C, 1.0, use_ext=use_ext)
+    solver = la.LayerSolver(C, 1.0, precision="fp32", use_ext=use_ext)
     assert solver.precision == "fp64"
     assert "fp32" in solver.selection and solver.L.dtype == torch.float64
     K = rhs(257, 6, seed=7, scale=1e-3)
@@ -302,7 +303,7 @@ def test_layer_solver_sequential_commit_and_state_dict(use_ext, tmp_path):
     C, K = tiny_model_stats()
     lam = 1e3
     K1, K2 = K[:, :20], K[:, 20:]
-    solver = la.LayerSolver(C, lam, use_ext=use_ext)
+    solver = la.LayerSolver(C, lam, precision="fp32", use_ext=use_ext)
     solver.commit(K1)
     assert solver.n_committed == 20
     K1d, K2d = K1.double(), K2.double()
@@ -330,7 +331,7 @@ def test_layer_solver_singular_stats_raise_with_the_fix():
 @pytest.mark.parametrize("use_ext", PATHS)
 def test_memit_solve_matches_reference(use_ext):
     C, K = tiny_model_stats()
-    U = la.memit_solve(C, K, 1e3, use_ext=use_ext)
+    U = la.memit_solve(C, K, 1e3, precision="fp32", use_ext=use_ext)
     assert rel(U, la.torch_memit_solve(C, K, 1e3)) <= 1e-10
     U64 = la.memit_solve(C, K, 1e3, precision="fp64", use_ext=use_ext)
     assert rel(U64, la.torch_memit_solve(C, K, 1e3)) <= 1e-12
@@ -367,7 +368,7 @@ def test_layer_solver_on_trained_tiny_model_stats(use_ext):
     lam = 1e3
     L, _ = la.cholesky(lam * C, "fp32", use_ext=use_ext)
     assert rel(L.double() @ L.double().T, lam * C.double()) <= 1e-6
-    solver = la.LayerSolver(C, lam, use_ext=use_ext)
+    solver = la.LayerSolver(C, lam, precision="fp32", use_ext=use_ext)
     for part in (K[:, :8], K[:, 8:]):
         assert rel(solver.solve(part), la.torch_memit_solve(C, part, lam)) <= 1e-10
     solver.commit(K[:, :8])
