@@ -38,21 +38,22 @@ def target_for(arch: int) -> GPUTarget:
     return GPUTarget("cuda", arch, 32)
 
 
-def specialize(arg: object) -> tuple[str, object]:
+def specialize(arg: object, specialize: bool = True) -> tuple[str, object]:
     """``(type, specialization)`` of one runtime argument, as Triton's JIT sees it: integers
     equal to 1 become the constant 1; other integers are ``i32`` (``i64``/``u64`` when too
-    large) and ``"D"`` when divisible by 16; tensors are pointers, ``"D"`` when 16-byte
-    aligned."""
+    large) and ``"D"`` when divisible by 16 (neither for a parameter in the kernel's
+    ``do_not_specialize``: ``specialize=False``); tensors are pointers, ``"D"`` when
+    16-byte aligned."""
     if isinstance(arg, torch.Tensor):
         aligned = arg.device.type == "meta" or arg.data_ptr() % 16 == 0
         return f"*{torch_to_triton_dtype(arg.dtype)}", "D" if aligned else ""
     if isinstance(arg, bool):
         return "i1", ""
     if isinstance(arg, int):
-        if arg == 1:
+        if arg == 1 and specialize:
             return "constexpr", 1
         ty = "i32" if -(2**31) <= arg < 2**31 else ("u64" if arg >= 2**63 else "i64")
-        return ty, "D" if arg % 16 == 0 else ""
+        return ty, "D" if arg % 16 == 0 and specialize else ""
     if isinstance(arg, float):
         return "fp32", ""
     raise TypeError(f"cannot specialize a kernel argument of type {type(arg).__name__}")
@@ -67,9 +68,20 @@ def _jit_function(kernel: object) -> JITFunction:
     return kernel
 
 
+def _not_specialized(kernel: object) -> set[str]:
+    """Names in the kernel's ``do_not_specialize`` (a JITFunction, or the interpreter's
+    wrapper of one)."""
+    if isinstance(kernel, JITFunction):
+        listed = kernel.do_not_specialize or ()
+    else:
+        listed = (getattr(kernel, "kwargs", None) or {}).get("do_not_specialize") or ()
+    return {kernel.arg_names[x] if isinstance(x, int) else x for x in listed}
+
+
 def _specialization(launch: Launch) -> tuple[dict, dict, dict]:
     """``(signature, constexprs, attrs)`` of one launch, as the JIT would build them."""
     names = launch.kernel.arg_names
+    fixed = _not_specialized(launch.kernel)
     runtime = names[: len(launch.args)]
     if set(names[len(launch.args) :]) != set(launch.constexprs):
         raise ValueError(
@@ -80,7 +92,7 @@ def _specialization(launch: Launch) -> tuple[dict, dict, dict]:
     constexprs: dict[tuple[int], object] = {}
     attrs: dict[tuple[int], list] = {}
     for i, (name, arg) in enumerate(zip(runtime, launch.args)):
-        ty, spec = specialize(arg)
+        ty, spec = specialize(arg, name not in fixed)
         signature[name] = ty
         if ty == "constexpr":
             constexprs[(i,)] = spec

@@ -47,7 +47,9 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return fp32_dot_precision(device) if dtype == torch.float32 else "ieee"
 
 
-@triton.jit
+# Sizes are bounds only: not specializing them (== 1, divisible by 16) keeps the number of
+# compiled variants down; the strides, which decide vectorized loads, are specialized.
+@triton.jit(do_not_specialize=["T", "D"])
 def _covariance_kernel(
     C_ptr,
     X_ptr,

@@ -54,7 +54,8 @@ SOLVE_BLOCK = 512
 _OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
+# Sizes are bounds only and not specialized (fewer compiled variants); strides are.
+@triton.jit(do_not_specialize=["M", "N", "NK"])
 def _lowrank_update_kernel(
     W_ptr,
     P_ptr,
@@ -103,7 +104,7 @@ def _lowrank_update_kernel(
     tl.store(w_ptrs, (w + acc).to(W_ptr.dtype.element_ty), mask=w_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "K"])
 def _gemm_kernel(
     C_ptr,
     A_ptr,

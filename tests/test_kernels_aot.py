@@ -173,5 +173,16 @@ def test_specialize_matches_the_jit():
     args.append(torch.zeros(4, dtype=torch.bool))
     args.append(torch.zeros(8, dtype=torch.float16)[1:])  # 2-byte offset: not 16-aligned
     for a in args:
-        ty, spec = native(BaseBackend, a, False, True, True)[:2]
-        assert aot.specialize(a) == (ty, spec if spec is not None else ""), a
+        # False: an integer parameter in do_not_specialize (the kernels list only sizes).
+        for spec_on in (True, False) if isinstance(a, int) else (True,):
+            ty, spec = native(BaseBackend, a, False, spec_on, True)[:2]
+            assert aot.specialize(a, spec_on) == (ty, spec if spec is not None else ""), (
+                a,
+                spec_on,
+            )
+
+
+def test_do_not_specialize_is_read_from_the_kernels():
+    assert aot._not_specialized(covariance._covariance_kernel) == {"T", "D"}
+    assert aot._not_specialized(update._lowrank_update_kernel) == {"M", "N", "NK"}
+    assert aot._not_specialized(update._gemm_kernel) == {"M", "N", "K"}
