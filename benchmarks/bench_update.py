@@ -147,11 +147,15 @@ def run(args) -> list[dict[str, object]]:
 
     errors: dict[str, float] = {}
 
-    def check(variant: str, W: torch.Tensor, baseline: str | None) -> None:
-        """Relative error of the update against float64: at most 4x the torch baseline's
-        (plus a hair), and sane (< 5 %) for the baselines themselves."""
+    def check(variant: str, W: torch.Tensor, baseline: str | None, factor: float = 4.0) -> None:
+        """Relative error of the update against float64: at most ``factor`` x the torch
+        baseline's (plus a hair); for the baselines themselves, sane (5 %, or 4x W's own
+        rounding)."""
         err = rel_error(W, W0, exact_dW)
-        bound = 0.05 if baseline is None else 4 * errors[baseline] + 1e-6
+        if baseline is None:
+            bound = max(0.05, 4 * rounding)
+        else:
+            bound = factor * errors[baseline] + 1e-6
         if not (err <= bound):  # NaN fails too
             raise SystemExit(
                 f"validation failed: {variant}: relative error {err:.3e} > {bound:.3e}"
@@ -166,6 +170,9 @@ def run(args) -> list[dict[str, object]]:
     exact_dW = R.to(torch.float64) @ U64.T
     U32 = U64.to(torch.float32)
     del U64
+    # Rounding W0 + dW into W's dtype alone costs this much of dW, relatively.
+    unit = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[w_dtype]
+    rounding = (unit * (W0.to(torch.float64) + exact_dW).norm() / exact_dW.norm()).item()
 
     W = W0.clone()
     torch_fused_solve_update(W, L, K, R, False)
@@ -204,7 +211,9 @@ def run(args) -> list[dict[str, object]]:
         for variant, backend, block in variants:
             W.copy_(W0)
             triton_fused_solve_update(W, L, K, R, False, solve_block=block, gemm_backend=backend)
-            check(variant, W, "torch-chain")
+            # The blocked solve's inverted diagonal blocks cost a few times fp32 substitution's
+            # error (kernels/README.md): 8x, as in the tests.
+            check(variant, W, "torch-chain", factor=8.0)
 
             def fn(backend=backend, block=block):
                 triton_fused_solve_update(
