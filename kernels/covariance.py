@@ -47,6 +47,15 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return fp32_dot_precision(device) if dtype == torch.float32 else "ieee"
 
 
+@triton.jit
+def _triangular_row(p):
+    """Row of entry ``p`` in the row-wise enumeration of a lower triangle: the largest ``r``
+    with ``r (r + 1) / 2 <= p`` (float32 square root, corrected by one either way)."""
+    r = ((tl.sqrt((8 * p + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    r = tl.where((r + 1) * (r + 2) // 2 <= p, r + 1, r)
+    return tl.where(r * (r + 1) // 2 > p, r - 1, r)
+
+
 # Sizes are bounds only: not specializing them (== 1, divisible by 16) keeps the number of
 # compiled variants down; the strides, which decide vectorized loads, are specialized.
 @triton.jit(do_not_specialize=["T", "D"])
@@ -66,22 +75,15 @@ def _covariance_kernel(
 ):
     pid = tl.program_id(0)
     nb = tl.cdiv(D, BLOCK)
-    # Row r of tile pid in the row-wise enumeration of the lower triangle: the largest r
-    # with r (r + 1) / 2 <= pid (float sqrt, then corrected by one either way).
-    r = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    r = tl.where((r + 1) * (r + 2) // 2 <= pid, r + 1, r)
-    r = tl.where(r * (r + 1) // 2 > pid, r - 1, r)
     # Group of GROUP tile rows starting at g0: tiles g0 (g0 + 1) / 2 ... in this order:
     # the rectangle of columns 0 .. g0 - 1 column by column, then the triangle on the
     # diagonal row by row.
-    g0 = (r // GROUP) * GROUP
+    g0 = (_triangular_row(pid) // GROUP) * GROUP
     rows = tl.minimum(GROUP, nb - g0)
     local = pid - g0 * (g0 + 1) // 2
     rect = g0 * rows
     l2 = tl.maximum(local - rect, 0)
-    rr = ((tl.sqrt((8 * l2 + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    rr = tl.where((rr + 1) * (rr + 2) // 2 <= l2, rr + 1, rr)
-    rr = tl.where(rr * (rr + 1) // 2 > l2, rr - 1, rr)
+    rr = _triangular_row(l2)
     in_rect = local < rect
     bi = tl.where(in_rect, g0 + local % rows, g0 + rr)
     bj = tl.where(in_rect, local // rows, g0 + l2 - rr * (rr + 1) // 2)

@@ -54,6 +54,18 @@ SOLVE_BLOCK = 512
 _OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """Tile ``(pid_m, pid_n)`` of program ``pid``: groups of ``GROUP`` tile rows walked
+    column by column, so the tiles in flight share operand blocks in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP * num_pid_n
+    first_m = (pid // in_group) * GROUP
+    size_m = tl.minimum(num_pid_m - first_m, GROUP)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
 # Sizes are bounds only and not specialized (fewer compiled variants); strides are.
 @triton.jit(do_not_specialize=["M", "N", "NK"])
 def _lowrank_update_kernel(
@@ -73,14 +85,7 @@ def _lowrank_update_kernel(
     PRECISION: tl.constexpr,
 ):
     """``W (M, N) += P (M, NK) @ Q (N, NK)^T``; all three with unit stride along columns."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP * num_pid_n
-    first_m = (pid // in_group) * GROUP
-    size_m = tl.minimum(num_pid_m - first_m, GROUP)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,14 +131,7 @@ def _gemm_kernel(
 ):
     """``C (M, N) = A (M, K) @ B (K, N)``, or ``C -= A @ B`` when ``SUBTRACT``; fp32.
     ``C`` has unit stride along columns; ``A`` and ``B`` any strides (``L^T`` is a view)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP * num_pid_n
-    first_m = (pid // in_group) * GROUP
-    size_m = tl.minimum(num_pid_m - first_m, GROUP)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
