@@ -425,7 +425,7 @@ class LayerSolver:
     Holds the exact float64 system matrix ``A = lam C + K_c K_c^T`` of the keys
     committed so far and a Cholesky factor of it at ``precision``. ``solve(K)`` adds the
     new keys to the factor by an update (few keys) or a refactorization (many), chosen by
-    cost, and refines against ``A + K K^T`` to float64 accuracy; ``commit(K)`` folds keys
+    cost, and (below fp64) refines against ``A + K K^T`` to float64 accuracy; ``commit(K)`` folds keys
     into ``A`` and the factor for good (sequential editing).
 
     Args:
@@ -516,6 +516,10 @@ class LayerSolver:
             return K64.clone()
         if self.prefers_update(K64.shape[1]):
             L = cholesky_update(self.L, K64, block_size=self.block_size, use_ext=self.use_ext)
+            if self.precision == "fp64":
+                # The Householder update is backward stable: a float64 factor of the updated
+                # system needs no refinement (its residual would cost as much as the solve).
+                return cholesky_solve(L, K64, use_ext=self.use_ext)[0]
             X, history = cholesky_solve(
                 L, K64, self.A, K64, self.refine_steps, use_ext=self.use_ext
             )

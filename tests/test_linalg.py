@@ -53,7 +53,10 @@ def tiny_model_stats(dk: int = 256, n_keys: int = 48) -> tuple[torch.Tensor, tor
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=256, n_positions=128, n_embd=64, n_inner=dk, n_layer=2, n_head=4)
+    cfg = GPT2Config(
+        vocab_size=256, n_positions=128, n_embd=64, n_inner=dk, n_layer=2, n_head=4,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
     model = GPT2LMHeadModel(cfg).eval()
     path = os.path.join(WIKITEXT, "valid.txt")
     with open(path, "rb") as f:
@@ -316,6 +319,22 @@ def test_layer_solver_sequential_commit_and_state_dict(use_ext, tmp_path):
     again = la.LayerSolver.from_state_dict(load_file(str(path)), use_ext=use_ext)
     assert again.n_committed == 20 and again.precision == solver.precision
     assert torch.equal(again.solve(K2), U)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_layer_solver_fp64_update_and_refactor_paths(use_ext):
+    """fp64 (auto on the CPU): updated and refactored factors are solved without
+    refinement and still match float64, also after commits."""
+    C, K = tiny_model_stats()
+    lam = 1e3
+    solver = la.LayerSolver(C, lam, precision="fp64", use_ext=use_ext)
+    for Kn in (K[:, :5], torch.cat([K, K], dim=1)):
+        assert solver.prefers_update(Kn.shape[1]) == (Kn.shape[1] == 5)
+        assert rel(solver.solve(Kn), la.torch_memit_solve(C, Kn, lam)) <= 1e-10
+    solver.commit(K[:, :30])
+    Kd = K.double()
+    A = lam * C.double() + Kd[:, :30] @ Kd[:, :30].T + Kd[:, 30:] @ Kd[:, 30:].T
+    assert rel(solver.solve(K[:, 30:]), torch.linalg.solve(A, Kd[:, 30:])) <= 1e-10
 
 
 def test_layer_solver_singular_stats_raise_with_the_fix():
