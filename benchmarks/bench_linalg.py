@@ -59,10 +59,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Bench:
-    def __init__(self, device: torch.device, rep: int, use_ext: bool | None) -> None:
+    def __init__(self, device: torch.device, rep: int, use_ext: bool | None, source: str) -> None:
         self.device, self.rep, self.use_ext = device, rep, use_ext
         on = _ext.has_kernel("cholesky", device) and use_ext is not False
-        self.path = "ext" if on else "reference"
+        self.model = f"{source}/{'ext' if on else 'reference'}"  # statistics / code path
         self.dev = harness.device_name(device)
         self.rows: list[dict[str, object]] = []
 
@@ -71,7 +71,7 @@ class Bench:
             harness.make_row(
                 device=self.dev,
                 benchmark="bench_linalg",
-                model=self.path,
+                model=self.model,
                 dtype="float64",
                 n=n,
                 shape=f"dk={dk}",
@@ -145,7 +145,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    bench = Bench(device, args.rep, False if args.no_ext else None)
+    source = os.path.splitext(os.path.basename(args.stats))[0] if args.stats else "synthetic"
+    bench = Bench(device, args.rep, False if args.no_ext else None, source)
     if args.stats:
         from safetensors.torch import load_file
 
