@@ -79,7 +79,7 @@ class Bench:
                 metric=metric,
                 value=value,
                 unit=unit,
-            )  # fmt: skip
+            )
         )
         print(f"dk={dk:>6} n={n!s:>6} {variant:<22} {metric:<14} {value:.4g} {unit}", flush=True)
 
