@@ -210,7 +210,10 @@ class Editor:
         if layer not in self._solvers:
             try:
                 s = linalg.LayerSolver(C, self.config.mom2_update_weight, name=f"layer {layer}")
-            except (ValueError, linalg.IllConditionedError) as e:
+            except linalg.IllConditionedError as e:
+                # The solver's message already names the layer and the fix.
+                raise EditFailedError(str(e)) from e
+            except ValueError as e:
                 raise EditFailedError(
                     f"layer {layer}: {e}; use a larger mom2_update_weight (lambda) or more "
                     "statistics samples"
