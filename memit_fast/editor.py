@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,7 @@ class EditFailedError(RuntimeError):
     weights are as they were before ``apply``."""
 
 
-@dataclass
+@dataclass(eq=False)
 class EditResult:
     """What one ``apply`` did.
 
@@ -201,7 +202,9 @@ class Editor:
         self._solvers: dict[int, linalg.LayerSolver] = {}
         # Keys written by earlier applies that are still in force: [(result, {layer: K})].
         self._written: list[tuple[EditResult, dict[int, torch.Tensor]]] = []
-        self._history: list[EditResult] = []
+        # Applied results in order, held weakly: a result the user dropped cannot be reverted
+        # and so cannot block the revert of an earlier one.
+        self._history: list[weakref.ref[EditResult]] = []
 
     # ------------------------------------------------------------------ solver state
 
@@ -225,7 +228,9 @@ class Editor:
         return self._solvers[layer]
 
     def _check_revertible(self, result: EditResult) -> None:
-        later = self._history[self._history.index(result) + 1 :] if result in self._history else []
+        alive = [r for r in (ref() for ref in self._history) if r is not None]
+        idx = next((i for i, r in enumerate(alive) if r is result), None)
+        later = alive[idx + 1 :] if idx is not None else []
         for r in later:
             if not r.reverted and set(r.layers) & set(result.layers):
                 raise RuntimeError(
@@ -235,6 +240,7 @@ class Editor:
 
     def _forget(self, result: EditResult) -> None:
         """Called by ``result.revert()``: its keys no longer protect anything."""
+        self._history = [ref for ref in self._history if ref() is not None and ref() is not result]
         kept = [(r, ks) for r, ks in self._written if r is not result]
         if len(kept) != len(self._written):
             self._written = kept
@@ -475,7 +481,7 @@ class Editor:
             for l, K in written_keys.items():
                 self._solvers[l].commit(K.to(self._solvers[l].A.device))
             self._written.append((result, written_keys))
-        self._history.append(result)
+        self._history.append(weakref.ref(result))
         return result
 
 

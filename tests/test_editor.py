@@ -61,6 +61,26 @@ def test_apply_changes_weights_and_revert_restores_bits(make):
         res.revert()
 
 
+def test_one_editor_applies_and_reverts_again_and_again():
+    model, tok = make_gpt2(), make_tokenizer()
+    snap = snapshot(model)
+    ed = Editor(model, tok, cfg(steps=2), stats=stats_for(model))
+    for reqs in (REQUESTS, REQUESTS[:1], REQUESTS[:1] * 2):
+        res = ed.apply(reqs)
+        assert not torch.equal(
+            dict(model.named_parameters())[res.weight_names[1]], snap[res.weight_names[1]]
+        )
+        res.revert()
+        assert_bit_identical(model, snap)
+    # Out of order is refused while the later edit on the same layers is applied.
+    a, b = ed.apply(REQUESTS[:1]), ed.apply(REQUESTS[1:2])
+    with pytest.raises(RuntimeError, match="reverse order"):
+        a.revert()
+    b.revert()
+    a.revert()
+    assert_bit_identical(model, snap)
+
+
 # (module, function, calls allowed before the fault): every phase boundary, and inside the
 # layer loop after the first layer has been written (after=1).
 PHASES = [
