@@ -361,50 +361,23 @@ def world_requests(world, n: int) -> list[EditRequest]:
 
 
 @torch.no_grad()
-def _mean_nll(model, tok, prompts: list[str], targets: list[str]) -> list[float]:
-    dev = model.get_input_embeddings().weight.device
-    out = []
-    for p, t in zip(prompts, targets):
-        t = t if t.startswith(" ") else " " + t
-        pi = tok(p)["input_ids"]
-        ti = tok(p + t)["input_ids"][len(pi) :]
-        ids = torch.tensor([pi + ti], device=dev)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        out.append(float(-sum(logp[len(pi) - 1 + j, k] for j, k in enumerate(ti)) / len(ti)))
-    return out
+def quality(model, tok, reqs: list[EditRequest], baseline: dict | None = None) -> dict:
+    """Efficacy, paraphrase and neighborhood success (fractions), CounterFact's definitions;
+    with ``baseline`` (the unedited model's ``raw`` result) also ``changed``: the fraction of
+    neighborhood prompts whose next-token prediction the edit changed. ``raw`` is the full
+    :func:`counterfact_metrics` result."""
+    from memit_fast.evaluate import counterfact_metrics
 
-
-def _fallback_metrics(model, tok, reqs: list[EditRequest]) -> dict[str, float | None]:
-    """ES/PS/NS by mean per-token NLL (as ``memit_fast.evaluate``), one prompt at a time."""
-
-    def rate(pairs):
-        if not pairs:
-            return None
-        ps, a, b = zip(*pairs)
-        na, nb = _mean_nll(model, tok, list(ps), list(a)), _mean_nll(model, tok, list(ps), list(b))
-        return sum(x < y for x, y in zip(na, nb)) / len(pairs)
-
-    es = [(r.text, r.target, r.target_true) for r in reqs if r.target_true]
-    ps = [(p, r.target, r.target_true) for r in reqs if r.target_true for p in r.paraphrase_prompts]
-    ns = []
-    for r in reqs:
-        answers = r.neighborhood_targets or (r.target_true,) * len(r.neighborhood_prompts)
-        ns += [(p, a, r.target) for p, a in zip(r.neighborhood_prompts, answers) if a]
-    return {"ES": rate(es), "PS": rate(ps), "NS": rate(ns)}
-
-
-def quality(model, tok, reqs: list[EditRequest]) -> dict[str, float | None]:
-    """Efficacy, paraphrase and neighborhood success (fractions), CounterFact's definitions."""
-    try:
-        from memit_fast.evaluate import counterfact_metrics
-    except ImportError:
-        return _fallback_metrics(model, tok, reqs)
-    m = counterfact_metrics(model, tok, reqs)
-    return {
+    m = counterfact_metrics(model, tok, reqs, baseline=baseline)
+    out = {
         "ES": m["efficacy_success"],
         "PS": m["paraphrase_success"],
         "NS": m["neighborhood_success"],
+        "raw": m,
     }
+    if baseline is not None:
+        out["changed"] = m["neighborhood_changed"]
+    return out
 
 
 # ----------------------------------------------------------------------------- runs
@@ -572,7 +545,7 @@ def bench_model(name: str, args, modes: list[str]) -> None:
         if args.eval and unedited is None:
             unedited = quality(model, tok, reqs)
             for k, v in unedited.items():
-                if v is not None:
+                if k != "raw" and v is not None:
                     emit(n, "unedited", k, v, "fraction")
         results = {}
         for mode in run_modes:
@@ -580,7 +553,7 @@ def bench_model(name: str, args, modes: list[str]) -> None:
             res, t, peak, kind = run_mode(
                 mode, model, tok, cfg, reqs, corpus, device, args.published_stats, args.key_batch
             )
-            q = quality(model, tok, reqs) if args.eval else {}
+            q = quality(model, tok, reqs, unedited["raw"]) if args.eval else {}
             steps = res.targets.steps.float()
             t["steps_mean"], t["steps_max"] = float(steps.mean()), float(steps.max())
             res.revert()
@@ -598,7 +571,7 @@ def bench_model(name: str, args, modes: list[str]) -> None:
             emit(n, mode, "adam_steps_mean", t["steps_mean"], "steps/request")
             emit(n, mode, "adam_steps_max", t["steps_max"], "steps")
             for k, v in q.items():
-                if v is not None:
+                if k != "raw" and v is not None:
                     emit(n, mode, k, v, "fraction")
             flush()
         if "fast" in results and "published" in results:
@@ -661,7 +634,7 @@ def summary_rows(n, results, t_templates, unedited) -> list[dict]:
             f"{get[m][0]['steps_mean']:.1f} / {get[m][0]['steps_max']:.0f}" if m in get else ""
         )
     out += [row, mem, steps]
-    for k in ("ES", "PS", "NS"):
+    for k in ("ES", "PS", "NS", "changed"):
         vals = {m: get[m][3].get(k) for m in get}
         if all(v is None for v in vals.values()):
             continue

@@ -403,10 +403,11 @@ class Editor:
                 f"target vectors of requests {bad} are not finite; lower lr or check the model"
             )
 
-        # Sequences for the keys: every request under every context template (no target).
+        # Sequences for the keys: every request under every context template, up to the
+        # subject's last token (the model is causal: what follows cannot change them).
         n = len(prepared)
         T = len(templates)
-        seqs = [e.ids for p in prepared for e in p.rewrites]
+        seqs = [e.ids[: e.subject_last + 1] for p in prepared for e in p.rewrites]
         pos = [e.subject_last for p in prepared for e in p.rewrites]
         bare_rows = [i * T for i in range(n)]
         originals: dict[int, torch.Tensor] = {}

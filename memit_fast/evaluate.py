@@ -270,6 +270,18 @@ def _locality(baseline, records: list[dict], key: str = "neighborhood") -> list[
     return out
 
 
+def _changed(baseline, records: list[dict], key: str = "neighborhood") -> list[tuple[int, int]]:
+    """Per request: ``(changed, total)`` over its locality prompts, where a prompt changed if
+    its next-token prediction (the top-1 token right after the prompt) differs from the
+    baseline's. Call after :func:`_locality`, which checks that the records match."""
+    base = baseline["records"] if isinstance(baseline, dict) else baseline
+    out = []
+    for b, r in zip(base, records):
+        bp, rp = b.get(f"{key}_predicted") or [], r.get(f"{key}_predicted") or []
+        out.append((sum(x[0] != y[0] for x, y in zip(bp, rp)), len(rp)))
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # CounterFact
 # ---------------------------------------------------------------------------------------
@@ -294,7 +306,8 @@ def counterfact_metrics(
 
     Args:
         baseline: the result of this function for the unedited model on the same requests;
-            adds ``easyedit_locality``.
+            adds ``easyedit_locality`` and ``neighborhood_changed`` (the fraction of
+            neighborhood prompts whose next-token prediction is not the baseline's).
         generation: also generate from each request's ``generation_prompts`` and report
             ``ngram_entropy`` (greedy unless ``generation_top_k``; ``generation_max_length``
             tokens in all, prompt included, as in the MEMIT code).
@@ -375,6 +388,11 @@ def counterfact_metrics(
         for rec, v in zip(records, loc):
             rec["easyedit_locality"] = v
         out["easyedit_locality"] = _mean(loc)
+        changed = _changed(baseline, records)
+        for rec, (c, t) in zip(records, changed):
+            rec["neighborhood_changed"] = c / t if t else None
+        total = sum(t for _, t in changed)
+        out["neighborhood_changed"] = sum(c for c, _ in changed) / total if total else None
     if generation and any(r.generation_prompts for r in reqs):
         gen = generation_entropy(
             model,

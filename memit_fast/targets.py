@@ -22,6 +22,7 @@ them, captured in that first pass) and the head at the positions the loss reads.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from memit_fast.arch import ModelAdapter, block_output
 from memit_fast.keys import (
     BlockRunner,
     Encoded,
+    StopForward,
     forward_until,
     hooks,
     input_device,
@@ -94,49 +96,86 @@ class TargetSettings:
     kl_factor: float
     early_stop_loss: float
     sync_every: int = 5
+    # Run each prefix (the tokens before the last subject token) once and reuse its
+    # keys/values at every step; off: every step recomputes whole sequences.
+    reuse_prefix: bool = True
 
 
 class _Batch:
-    """Index tensors of one chunk's padded batch of sequences."""
+    """Index tensors of one group's padded batch of sequences.
 
-    def __init__(self, prepared: Sequence[PreparedRequest], pad: int, device: torch.device):
-        seqs, req_of_seq, lookup = [], [], []
+    ``reqs`` are the requests' indices in the chunk (every index tensor below uses them);
+    ``rewrites`` / ``kl`` say which of their sequences the batch holds.
+
+    With ``split``, each sequence is cut before the last subject token: the *prefix* (the
+    tokens before it) does not depend on ``delta``, so it runs through the model once and
+    its keys/values are kept; the *suffix* (from the last subject token on) is what each step
+    recomputes. Both parts are padded on the right; the suffix's position ids continue each
+    row's own prefix. Column indices (lookup, loss positions) are then in suffix coordinates.
+    Without ``split`` the prefix is empty and the whole sequence is the suffix.
+    """
+
+    def __init__(
+        self,
+        prepared: Sequence[PreparedRequest],
+        reqs: Sequence[int],
+        pad: int,
+        device: torch.device,
+        split: bool = False,
+        rewrites: bool = True,
+        kl: bool = True,
+    ):
+        pre, suf, req_of_seq, lookup = [], [], [], []
         t_rows, t_cols, t_tok, t_req, t_w = [], [], [], [], []
-        kl_rows, kl_cols = [], []
-        h_rows, h_cols = [], []
-        for i, p in enumerate(prepared):
+        kl_rows, kl_cols, kl_req = [], [], []
+        h_rows, h_cols, h_req = [], [], []
+
+        def add(ids, subject_last, i):
+            cut = subject_last if split else 0
+            pre.append(ids[:cut])
+            suf.append(ids[cut:])
+            req_of_seq.append(i)
+            lookup.append(subject_last - cut)
+            return len(suf) - 1, cut
+
+        for i in reqs:
+            p = prepared[i]
             n_t = len(p.rewrites)
             tgt = p.target_ids
-            for t, enc in enumerate(p.rewrites):
-                row = len(seqs)
-                ids = list(enc.ids) + list(tgt[:-1])
-                seqs.append(ids)
-                req_of_seq.append(i)
-                lookup.append(enc.subject_last)
+            for t, enc in enumerate(p.rewrites if rewrites else ()):
+                row, cut = add(list(enc.ids) + list(tgt[:-1]), enc.subject_last, i)
                 if t == 0:
                     h_rows.append(row)
-                    h_cols.append(enc.subject_last)
-                first = len(enc.ids) - 1  # the logit here predicts target[0]
+                    h_cols.append(enc.subject_last - cut)
+                    h_req.append(i)
+                first = len(enc.ids) - 1 - cut  # the logit here predicts target[0]
                 for j, tok in enumerate(tgt):
                     t_rows.append(row)
                     t_cols.append(first + j)
                     t_tok.append(tok)
                     t_req.append(i)
                     t_w.append(1.0 / (len(tgt) * n_t))
-            row = len(seqs)
-            seqs.append(list(p.kl.ids))
-            req_of_seq.append(i)
-            lookup.append(p.kl.subject_last)
-            kl_rows.append(row)
-            kl_cols.append(p.kl.subject_last)
+            if kl:
+                # The KL logits are read at the last subject token: later tokens don't matter.
+                kl_ids = list(p.kl.ids[: p.kl.subject_last + 1]) if split else list(p.kl.ids)
+                row, cut = add(kl_ids, p.kl.subject_last, i)
+                kl_rows.append(row)
+                kl_cols.append(p.kl.subject_last - cut)
+                kl_req.append(i)
 
         def lt(x):
             return torch.tensor(x, dtype=torch.long, device=device)
 
-        self.n = len(prepared)
-        self.input_ids, self.attention_mask = pad_right(seqs, pad, device)
+        self.rows = len(suf)
+        self.input_ids, self.attention_mask = pad_right(suf, pad, device)
+        self.prefix_len = lt([len(x) for x in pre])
+        self.prefix_width = int(max(len(x) for x in pre))
+        if self.prefix_width:
+            self.prefix_ids, self.prefix_mask = pad_right(pre, pad, device)
+            s = self.input_ids.shape[1]
+            self.position_ids = self.prefix_len[:, None] + torch.arange(s, device=device)
         self.req_of_seq = lt(req_of_seq)
-        self.seq_idx = torch.arange(len(seqs), device=device)
+        self.seq_idx = torch.arange(len(suf), device=device)
         self.lookup = lt(lookup)
         self.t_rows, self.t_cols, self.t_tok, self.t_req = (
             lt(t_rows),
@@ -145,8 +184,9 @@ class _Batch:
             lt(t_req),
         )
         self.t_w = torch.tensor(t_w, dtype=torch.float32, device=device)
-        self.kl_rows, self.kl_cols = lt(kl_rows), lt(kl_cols)
-        self.h_rows, self.h_cols = lt(h_rows), lt(h_cols)
+        self.kl_rows, self.kl_cols, self.kl_req = lt(kl_rows), lt(kl_cols), lt(kl_req)
+        self.h_rows, self.h_cols, self.h_req = lt(h_rows), lt(h_cols), lt(h_req)
+        self.reqs = lt(list(reqs))
 
 
 def _logits_at(
@@ -180,6 +220,166 @@ def _param_device(module, default):
     return default
 
 
+# ----------------------------------------------------------------------------- prefix reuse
+
+
+def _cache_kwarg(model) -> str:
+    """The name under which the model's forward takes a key/value cache."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
+    """Run the prefixes through every block once and return the model's key/value cache,
+    frozen: later forwards read the prefix keys/values but append nothing, so the captured
+    block arguments can be replayed at every step. ``None`` where the model's cache is not
+    the plain per-layer kind this relies on (the caller then recomputes whole sequences)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older signature
+        cache = DynamicCache()
+    # A row whose prefix is empty would attend to nothing in the prefix pass; let it see its
+    # first (pad) column there. The suffix pass masks that column again.
+    mask = batch.prefix_mask.clone()
+    mask[batch.prefix_len == 0, 0] = 1
+    last = adapter.block(adapter.n_layers - 1)
+
+    def stop(mod, args, out):
+        raise StopForward
+
+    with hooks([last.register_forward_hook(stop)]), torch.no_grad():
+        try:
+            model(
+                input_ids=batch.prefix_ids,
+                attention_mask=mask,
+                use_cache=True,
+                **{_cache_kwarg(model): cache},
+            )
+        except StopForward:
+            pass
+        except (TypeError, ValueError, NotImplementedError) as e:  # pragma: no cover
+            log.debug("prefix reuse unavailable (%s); recomputing whole sequences", e)
+            return None
+    layers = getattr(cache, "layers", None)
+    if (
+        not layers
+        or len(layers) != adapter.n_layers
+        or getattr(cache, "offloading", False)
+        or any(type(lay) is not DynamicLayer for lay in layers)
+        or any(lay.keys is None or lay.keys.shape[-2] != batch.prefix_width for lay in layers)
+    ):
+        log.debug("prefix reuse unavailable for this cache layout; recomputing whole sequences")
+        return None
+
+    def update(key_states, value_states, layer_idx, *args, **kwargs):
+        lay = layers[layer_idx]
+        return (
+            torch.cat([lay.keys, key_states], dim=-2),
+            torch.cat([lay.values, value_states], dim=-2),
+        )
+
+    cache.update = update
+    return cache
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+class _Group:
+    """Sequences run in one padded batch: block L's cached output at them, the runner for the
+    blocks after L, and (with prefix reuse) the frozen prefix cache."""
+
+    def __init__(self, model, adapter, prepared, spec, settings, pad, dev_in, split):
+        L = settings.layer
+        reqs, rewrites, kl = spec
+        batch = _Batch(prepared, reqs, pad, dev_in, split, rewrites, kl)
+        cache = None
+        if batch.prefix_width:
+            cache = _frozen_prefix_cache(model, adapter, batch)
+            if cache is None:
+                batch = _Batch(prepared, reqs, pad, dev_in, False, rewrites, kl)
+        self.batch = batch
+        self.runner = BlockRunner(adapter, L + 1) if L + 1 < adapter.n_layers else None
+        grabbed: dict[str, torch.Tensor] = {}
+
+        def stop(mod, args, out):
+            raise StopForward
+
+        def grab(mod, args, out):
+            grabbed["h"] = block_output(out).detach()
+            if self.runner is None:
+                raise StopForward
+
+        handles = [adapter.block(L).register_forward_hook(grab)]
+        if self.runner is not None:
+            handles += self.runner.capture_hooks()
+            handles.append(adapter.block(adapter.n_layers - 1).register_forward_hook(stop))
+        with hooks(handles), torch.no_grad():
+            if cache is None:
+                forward_until(model, batch.input_ids, batch.attention_mask)
+            else:
+                full_mask = torch.cat([batch.prefix_mask, batch.attention_mask], dim=1)
+                try:
+                    model(
+                        input_ids=batch.input_ids,
+                        attention_mask=full_mask,
+                        position_ids=batch.position_ids,
+                        use_cache=True,
+                        **{_cache_kwarg(model): cache},
+                    )
+                except StopForward:
+                    pass
+        self.hidden_L = grabbed["h"]
+        self.kl_init: torch.Tensor | None = None
+        self.cache = cache  # kept alive: the runner's captured arguments refer to it
+        self._reqs = set(reqs)
+
+    def has_any(self, reqs: Sequence[int]) -> bool:
+        return any(i in self._reqs for i in reqs)
+
+
+def _groups(
+    prepared: Sequence[PreparedRequest], split: bool, dev: torch.device
+) -> list[tuple[list[int], bool, bool]]:
+    """How the chunk's sequences are batched: ``(requests, rewrites?, kl?)`` per group.
+
+    Whole sequences: one batch. With prefix reuse, each step recomputes the suffixes only, so
+    the batches are cut by suffix length to keep padding small: the rewriting sequences of
+    requests sorted by suffix length (a request's rewriting sequences share their suffix),
+    and all KL sequences (one token each) together. On an accelerator small batches waste
+    parallelism, so groups are kept to at least a few hundred sequences there."""
+    n = len(prepared)
+    if not split:
+        return [(list(range(n)), True, True)]
+
+    def step_len(p: PreparedRequest) -> int:
+        enc = p.rewrites[0]
+        return len(enc.ids) - enc.subject_last + len(p.target_ids) - 1
+
+    rows = [len(p.rewrites) for p in prepared]
+    order = sorted(range(n), key=lambda i: step_len(prepared[i]))
+    min_rows = 1 if dev.type == "cpu" else 256
+    groups: list[list[int]] = [[order[0]]]
+    for i in order[1:]:
+        g = groups[-1]
+        shortest = step_len(prepared[g[0]])
+        g_rows = sum(rows[j] for j in g)
+        if step_len(prepared[i]) > 1.25 * shortest + 1 and g_rows >= min_rows:
+            groups.append([i])
+        else:
+            g.append(i)
+    if min_rows > 1 and len(groups) > 1 and sum(rows[j] for j in groups[-1]) < min_rows:
+        groups[-2] += groups.pop()
+    return [(g, True, False) for g in groups] + [(list(range(n)), False, True)]
+
+
 def optimize_chunk(
     model,
     adapter: ModelAdapter,
@@ -188,32 +388,24 @@ def optimize_chunk(
     pad: int,
 ) -> TargetResult:
     """Target vectors for one chunk of requests (see the module docstring)."""
-    L = settings.layer
     dev_in = input_device(model)
-    batch = _Batch(prepared, pad, dev_in)
-    n = batch.n
-
-    # One pass through the whole model: cache block L's output and record the arguments of
-    # the blocks after it.
-    runner = BlockRunner(adapter, L + 1) if L + 1 < adapter.n_layers else None
-    cache: dict[str, torch.Tensor] = {}
-
-    def grab(mod, args, out):
-        cache["h"] = block_output(out).detach()
-
-    handles = [adapter.block(L).register_forward_hook(grab)]
-    if runner is not None:
-        handles += runner.capture_hooks()
-    with hooks(handles), torch.no_grad():
-        forward_until(model, batch.input_ids, batch.attention_mask)
-    hidden_L = cache["h"]
-    dev = hidden_L.device
-    h0 = hidden_L[batch.h_rows.to(dev), batch.h_cols.to(dev)].float()  # (n, dh)
+    n = len(prepared)
+    split = settings.reuse_prefix and adapter.n_layers > settings.layer + 1
+    groups = [
+        _Group(model, adapter, prepared, spec, settings, pad, dev_in, split)
+        for spec in _groups(prepared, split, dev_in)
+    ]
+    dev = groups[0].hidden_L.device
+    h0 = torch.empty(n, groups[0].hidden_L.shape[-1], dtype=torch.float32, device=dev)
+    for g in groups:
+        b = g.batch
+        if b.h_rows.numel():
+            h = g.hidden_L[b.h_rows.to(g.hidden_L.device), b.h_cols.to(g.hidden_L.device)]
+            h0[b.h_req.to(dev)] = h.float().to(dev)
     h_norm = h0.norm(dim=1)
     max_norm = settings.clamp_norm_factor * h_norm
 
-    dh = h0.shape[1]
-    delta = torch.zeros(n, dh, dtype=torch.float32, device=dev)
+    delta = torch.zeros_like(h0)
     m = torch.zeros_like(delta)
     v = torch.zeros_like(delta)
     active = torch.ones(n, dtype=torch.bool, device=dev)
@@ -221,24 +413,18 @@ def optimize_chunk(
     loss_last = torch.zeros(n, device=dev)
     nll_last = torch.zeros(n, device=dev)
     kl_last = torch.zeros(n, device=dev)
-    kl_init = None
-    n_t = batch.t_rows.numel()
     b1, b2 = ADAM_BETAS
+    # Groups with a request still running; refreshed at the sync points only, so that no
+    # step waits on the device.
+    running = list(groups)
 
     for it in range(settings.steps):
         with torch.enable_grad():
             d = delta.detach().requires_grad_(True)
-            logp = _logits_at(adapter, runner, hidden_L, batch, d)
-            ldev = logp.device
-            tok_lp = logp[:n_t].gather(1, batch.t_tok.to(ldev)[:, None]).squeeze(1)
-            nll = torch.zeros(n, device=ldev).index_add(
-                0, batch.t_req.to(ldev), -tok_lp * batch.t_w.to(ldev)
-            )
-            kl_lp = logp[n_t:]
-            if kl_init is None:
-                kl_init = kl_lp.detach()
-            kl = (kl_init.exp() * (kl_init - kl_lp)).sum(dim=1)
-            nll, kl = nll.to(dev), kl.to(dev)
+            nll = torch.zeros(n, device=dev)
+            kl = torch.zeros(n, device=dev)
+            for g in running:
+                nll, kl = _group_terms(adapter, g, d, nll, kl)
             wd = settings.weight_decay * d.norm(dim=1) / h_norm**2
             loss = nll + settings.kl_factor * kl + wd
             # Record the figures of the requests still running; stop those below threshold.
@@ -251,6 +437,8 @@ def optimize_chunk(
             if settings.sync_every and (it + 1) % settings.sync_every == 0:
                 if not bool(active.any()):
                     break
+                still = active.nonzero().flatten().tolist()
+                running = [g for g in groups if g.has_any(still)]
             (grad,) = torch.autograd.grad(loss.sum(), d)
         # Adam, per row, applied to the rows still active (torch.optim.Adam's arithmetic).
         t = it + 1
@@ -275,6 +463,25 @@ def optimize_chunk(
         kl=kl_last,
         steps=steps_used,
     )
+
+
+def _group_terms(adapter, g: _Group, d: torch.Tensor, nll: torch.Tensor, kl: torch.Tensor):
+    """Add one group's contributions to the per-request ``nll`` and ``kl`` (``(n,)`` each)."""
+    b = g.batch
+    dev = d.device
+    logp = _logits_at(adapter, g.runner, g.hidden_L, b, d)
+    ldev = logp.device
+    n_t = b.t_rows.numel()
+    if n_t:
+        tok_lp = logp[:n_t].gather(1, b.t_tok.to(ldev)[:, None]).squeeze(1)
+        nll = nll.index_add(0, b.t_req.to(dev), (-tok_lp * b.t_w.to(ldev)).to(dev))
+    if b.kl_rows.numel():
+        kl_lp = logp[n_t:]
+        if g.kl_init is None:
+            g.kl_init = kl_lp.detach()
+        kl_g = (g.kl_init.exp() * (g.kl_init - kl_lp)).sum(dim=1)
+        kl = kl.index_add(0, b.kl_req.to(dev), kl_g.to(dev))
+    return nll, kl
 
 
 def is_oom(e: BaseException) -> bool:

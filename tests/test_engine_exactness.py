@@ -116,3 +116,47 @@ def test_batched_trajectories_equal_solo_runs():
     assert batched.steps.tolist() == solo.steps.tolist()
     torch.testing.assert_close(batched.z, solo.z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(batched.loss, solo.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [make_gpt2, make_llama], ids=["gpt2", "llama"])
+def test_prefix_reuse_equals_whole_sequence_recompute(make, monkeypatch):
+    """Steps that recompute only the tokens from the last subject token on (the prefix's
+    keys/values computed once) give the trajectories of whole-sequence recomputation."""
+    import memit_fast.targets as targets_mod
+    from memit_fast.data import normalize_requests
+    from memit_fast.keys import pad_id
+    from memit_fast.targets import TargetSettings, compute_targets
+
+    tok, model = make_tokenizer(), make()
+    probe = Editor(model, tok, config(), stats={l: torch.eye(8) for l in (1, 2)})
+    prepared = probe.prepare(normalize_requests(REQUESTS), TEMPLATES)
+    made = []
+    real = targets_mod._frozen_prefix_cache
+
+    def counting(*a, **k):
+        c = real(*a, **k)
+        made.append(c is not None)
+        return c
+
+    monkeypatch.setattr(targets_mod, "_frozen_prefix_cache", counting)
+
+    def run(reuse):
+        s = TargetSettings(
+            layer=1,
+            steps=8,
+            lr=0.05,
+            clamp_norm_factor=4.0,
+            weight_decay=1e-3,
+            kl_factor=0.0625,
+            early_stop_loss=0.0,
+            reuse_prefix=reuse,
+        )
+        return compute_targets(model, probe.adapter, prepared, s, pad_id(tok), 8)
+
+    whole = run(False)
+    assert made == []
+    reused = run(True)
+    assert made and all(made), made  # the prefix path ran, in one group or more
+    torch.testing.assert_close(reused.z, whole.z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reused.loss, whole.loss, rtol=1e-5, atol=1e-6)
+    assert reused.steps.tolist() == whole.steps.tolist()

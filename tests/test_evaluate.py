@@ -149,6 +149,14 @@ def test_counterfact_success_and_magnitude_by_hand():
     # locality against itself is perfect
     again = counterfact_metrics(model, tok, [req], baseline=res)
     assert again["easyedit_locality"] == 1.0
+    assert again["neighborhood_changed"] == 0.0
+    # Move the top-1 after "a" from Madrid to Rome: of the two neighborhood prompts, the one
+    # ending in "a" now predicts another next token, the one ending in "is" does not.
+    table2 = table.clone()
+    table2[w["a"], w["Rome"]] = 5.0
+    moved = counterfact_metrics(Bigram(table2), tok, [req], baseline=res)
+    assert moved["neighborhood_changed"] == 0.5
+    assert moved["records"][0]["neighborhood_changed"] == 0.5
 
 
 def test_missing_true_target_and_neighbor_answers():
