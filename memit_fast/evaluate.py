@@ -642,6 +642,7 @@ _LABELS = {
     "easyedit_rewrite_acc": "EasyEdit rewrite acc",
     "easyedit_rephrase_acc": "EasyEdit rephrase acc",
     "easyedit_locality": "EasyEdit locality (vs unedited)",
+    "neighborhood_changed": "neighborhood next token changed (vs unedited)",
     "ngram_entropy": "Generation n-gram entropy (bits)",
 }
 
