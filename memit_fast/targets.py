@@ -130,8 +130,11 @@ class _Batch:
         kl_rows, kl_cols, kl_req = [], [], []
         h_rows, h_cols, h_req = [], [], []
 
-        def add(ids, subject_last, i):
+        row_template: list[int] = []  # context template of each row (-1: KL prompt)
+
+        def add(ids, subject_last, i, t=-1):
             cut = subject_last if split else 0
+            row_template.append(t)
             pre.append(ids[:cut])
             suf.append(ids[cut:])
             req_of_seq.append(i)
@@ -143,7 +146,7 @@ class _Batch:
             n_t = len(p.rewrites)
             tgt = p.target_ids
             for t, enc in enumerate(p.rewrites if rewrites else ()):
-                row, cut = add(list(enc.ids) + list(tgt[:-1]), enc.subject_last, i)
+                row, cut = add(list(enc.ids) + list(tgt[:-1]), enc.subject_last, i, t)
                 if t == 0:
                     h_rows.append(row)
                     h_cols.append(enc.subject_last - cut)
@@ -167,6 +170,8 @@ class _Batch:
             return torch.tensor(x, dtype=torch.long, device=device)
 
         self.rows = len(suf)
+        self.pad = pad
+        self.prefixes, self.row_template = pre, row_template
         self.input_ids, self.attention_mask = pad_right(suf, pad, device)
         self.prefix_len = lt([len(x) for x in pre])
         self.prefix_width = int(max(len(x) for x in pre))
@@ -232,23 +237,34 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
-    """Run the prefixes through every block once and return the model's key/value cache,
-    frozen: later forwards read the prefix keys/values but append nothing, so the captured
-    block arguments can be replayed at every step. ``None`` where the model's cache is not
-    the plain per-layer kind this relies on (the caller then recomputes whole sequences)."""
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-    except ImportError:  # pragma: no cover - older transformers
-        return None
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - older signature
-        cache = DynamicCache()
-    # A row whose prefix is empty would attend to nothing in the prefix pass; let it see its
-    # first (pad) column there. The suffix pass masks that column again.
-    mask = batch.prefix_mask.clone()
-    mask[batch.prefix_len == 0, 0] = 1
+def _shared_heads(batch: _Batch) -> list[int]:
+    """Per row, how many leading prefix tokens it shares with every other row of its context
+    template (the template's own tokens, typically): those run through the model once per
+    template instead of once per row."""
+    by_t: dict[int, list[int]] = {}
+    for r, t in enumerate(batch.row_template):
+        if t >= 0:
+            by_t.setdefault(t, []).append(r)
+    shared = [0] * batch.rows
+    for rows in by_t.values():
+        if len(rows) < 2:
+            continue
+        first = batch.prefixes[rows[0]]
+        n = min(len(batch.prefixes[r]) for r in rows)
+        k = 0
+        while k < n and all(batch.prefixes[r][k] == first[k] for r in rows):
+            k += 1
+        for r in rows:
+            shared[r] = k
+    return shared
+
+
+def _run_into_cache(model, adapter, ids, mask, position_ids, cache) -> bool:
+    """One forward of ``ids`` through every block, appending to ``cache`` (head skipped).
+    Rows with no attended column see their first column here (it is masked again wherever
+    these keys/values are read). False where the model refuses the cache arguments."""
+    mask = mask.clone()
+    mask[mask.sum(dim=1) == 0, -ids.shape[1]] = 1
     last = adapter.block(adapter.n_layers - 1)
 
     def stop(mod, args, out):
@@ -257,8 +273,9 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
     with hooks([last.register_forward_hook(stop)]), torch.no_grad():
         try:
             model(
-                input_ids=batch.prefix_ids,
+                input_ids=ids,
                 attention_mask=mask,
+                position_ids=position_ids,
                 use_cache=True,
                 **{_cache_kwarg(model): cache},
             )
@@ -266,14 +283,71 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
             pass
         except (TypeError, ValueError, NotImplementedError) as e:  # pragma: no cover
             log.debug("prefix reuse unavailable (%s); recomputing whole sequences", e)
+            return False
+    return True
+
+
+def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
+    """Run the prefixes through every block once and return ``(cache, mask)``: the model's
+    key/value cache, frozen (later forwards read the prefix keys/values but append nothing,
+    so the captured block arguments can be replayed at every step), and the attention mask
+    of its columns. ``None`` where the model's cache is not the plain per-layer kind this
+    relies on (the caller then recomputes whole sequences).
+
+    The tokens a context template's rows share run once per template (the cache rows are
+    then expanded), the rest of each prefix after them; the cache's columns are
+    ``[shared part | rest]``, each padded on the right, with explicit position ids."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older signature
+        cache = DynamicCache()
+    dev = batch.prefix_ids.device
+    shared = _shared_heads(batch)
+    # Stage 1: one row per template with a shared head (plus one empty row for the others).
+    heads: dict[int, int] = {}  # template -> stage-1 row
+    head_ids: list[list[int]] = [[]]
+    for r, t in enumerate(batch.row_template):
+        if shared[r] and t not in heads:
+            heads[t] = len(head_ids)
+            head_ids.append(batch.prefixes[r][: shared[r]])
+    src = [heads[t] if shared[r] else 0 for r, t in enumerate(batch.row_template)]
+    pad = batch.pad
+    rests = [p[k:] for p, k in zip(batch.prefixes, shared)]
+    if len(head_ids) > 1:
+        ids1, mask1 = pad_right(head_ids, pad, dev)
+        pos1 = torch.arange(ids1.shape[1], device=dev).expand_as(ids1)
+        if not _run_into_cache(model, adapter, ids1, mask1, pos1, cache):
             return None
+        src_t = torch.tensor(src, dtype=torch.long, device=dev)
+        if hasattr(cache, "batch_select_indices"):
+            cache.batch_select_indices(src_t)
+        else:  # pragma: no cover
+            return None
+        mask1 = mask1[src_t]
+    else:
+        mask1 = torch.zeros(batch.rows, 0, dtype=torch.long, device=dev)
+    if max(len(x) for x in rests):
+        ids2, mask2 = pad_right(rests, pad, dev)
+        start = torch.tensor(shared, dtype=torch.long, device=dev)[:, None]
+        pos2 = start + torch.arange(ids2.shape[1], device=dev)
+        if not _run_into_cache(model, adapter, ids2, torch.cat([mask1, mask2], dim=1), pos2, cache):
+            return None
+        mask = torch.cat([mask1, mask2], dim=1)
+    else:
+        mask = mask1
+    width = mask.shape[1]
     layers = getattr(cache, "layers", None)
     if (
         not layers
         or len(layers) != adapter.n_layers
         or getattr(cache, "offloading", False)
         or any(type(lay) is not DynamicLayer for lay in layers)
-        or any(lay.keys is None or lay.keys.shape[-2] != batch.prefix_width for lay in layers)
+        or any(lay.keys is None or lay.keys.shape[-2] != width for lay in layers)
+        or any(lay.keys.shape[0] != batch.rows for lay in layers)
     ):
         log.debug("prefix reuse unavailable for this cache layout; recomputing whole sequences")
         return None
@@ -286,7 +360,7 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
         )
 
     cache.update = update
-    return cache
+    return cache, mask
 
 
 # ----------------------------------------------------------------------------- groups
@@ -302,9 +376,11 @@ class _Group:
         batch = _Batch(prepared, reqs, pad, dev_in, split, rewrites, kl)
         cache = None
         if batch.prefix_width:
-            cache = _frozen_prefix_cache(model, adapter, batch)
-            if cache is None:
+            got = _frozen_prefix_cache(model, adapter, batch)
+            if got is None:
                 batch = _Batch(prepared, reqs, pad, dev_in, False, rewrites, kl)
+            else:
+                cache, prefix_mask = got
         self.batch = batch
         self.runner = BlockRunner(adapter, L + 1) if L + 1 < adapter.n_layers else None
         grabbed: dict[str, torch.Tensor] = {}
@@ -325,7 +401,7 @@ class _Group:
             if cache is None:
                 forward_until(model, batch.input_ids, batch.attention_mask)
             else:
-                full_mask = torch.cat([batch.prefix_mask, batch.attention_mask], dim=1)
+                full_mask = torch.cat([prefix_mask, batch.attention_mask], dim=1)
                 try:
                     model(
                         input_ids=batch.input_ids,
@@ -365,13 +441,17 @@ def _groups(
 
     rows = [len(p.rewrites) for p in prepared]
     order = sorted(range(n), key=lambda i: step_len(prepared[i]))
-    min_rows = 1 if dev.type == "cpu" else 256
+    # A CPU pays for every padded token and little for a small batch: one group per suffix
+    # length. An accelerator wants large batches: up to 25% padding, 256+ sequences.
+    cpu = dev.type == "cpu"
+    min_rows, slack = (1, 1.0) if cpu else (256, 1.25)
     groups: list[list[int]] = [[order[0]]]
     for i in order[1:]:
         g = groups[-1]
         shortest = step_len(prepared[g[0]])
         g_rows = sum(rows[j] for j in g)
-        if step_len(prepared[i]) > 1.25 * shortest + 1 and g_rows >= min_rows:
+        longer = step_len(prepared[i]) > (shortest if cpu else slack * shortest + 1)
+        if longer and g_rows >= min_rows:
             groups.append([i])
         else:
             g.append(i)
