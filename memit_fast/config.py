@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
+
+SOLVERS = ("memit", "emmet", "alphaedit", "rome")
+"""The per-layer update rules ``EditConfig.solver`` selects (see memit_fast/solvers.py)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,19 @@ class EditConfig:
     Engine:
         target_chunk_size: requests optimized together; key_chunk_size: requests per key pass;
         sync_every: optimization steps between checks whether every request has stopped.
+
+    Solver (the per-layer update; see :mod:`memit_fast.solvers` for the equations):
+        solver: ``"memit"`` (DESIGN §2, the default), ``"emmet"`` (equality-constrained:
+            the edited keys are written exactly), ``"alphaedit"`` (the update is projected
+            onto the null space of the key statistics) or ``"rome"`` (rank one per request,
+            one at a time; needs exactly one layer). All share the target vectors, keys and
+            statistics.
+        emmet_ridge: EMMET's ridge on the ``n x n`` matrix ``K^T A^-1 K``, relative to its
+            mean diagonal (``ridge * trace / n`` is added to the diagonal); >= 0.
+        alphaedit_threshold: eigenvalues of the key statistics ``C`` (the raw second moment,
+            not ``lambda C``) below this absolute value span AlphaEdit's null space; > 0.
+        alphaedit_lambda: AlphaEdit's ridge ``lambda_a`` in ``(P K K^T P + lambda_a I)^-1``;
+            > 0.
     """
 
     layers: tuple[int, ...]
@@ -57,6 +74,10 @@ class EditConfig:
     target_chunk_size: int = 32
     key_chunk_size: int = 128
     sync_every: int = 5
+    solver: str = "memit"
+    emmet_ridge: float = 1e-6
+    alphaedit_threshold: float = 1e-2
+    alphaedit_lambda: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -84,6 +105,23 @@ class EditConfig:
                 raise ValueError(f"EditConfig.{name} must be >= 1")
         if self.mom2_update_weight < 0:
             raise ValueError("EditConfig.mom2_update_weight (lambda) must be >= 0")
+        if self.solver not in SOLVERS:
+            raise ValueError(
+                f"EditConfig.solver {self.solver!r} is unknown; use one of {', '.join(SOLVERS)}"
+            )
+        if self.solver == "rome" and len(layers) != 1:
+            raise ValueError(
+                f"EditConfig.solver 'rome' edits exactly one layer, but EditConfig.layers is "
+                f"{layers}; give a single layer or another solver"
+            )
+        if not (self.emmet_ridge >= 0 and math.isfinite(self.emmet_ridge)):
+            raise ValueError(
+                f"EditConfig.emmet_ridge must be finite and >= 0, got {self.emmet_ridge}"
+            )
+        for name in ("alphaedit_threshold", "alphaedit_lambda"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"EditConfig.{name} must be finite and > 0, got {v}")
 
     def replace(self, **changes) -> EditConfig:
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from memit_fast import linalg
+from memit_fast import linalg, solvers
 from memit_fast.arch import ArchSpec, ModelAdapter
 from memit_fast.config import EditConfig, auto_config
 from memit_fast.data import EditRequest, EditRequestError, normalize_requests
@@ -161,7 +161,9 @@ class Editor:
         remember_keys: sequential editing: a later ``apply`` solves against
             ``lambda C + sum of K_b K_b^T`` over the batches written before (so it does not
             overwrite them); the cached factor is updated, not refactored. ``False``
-            solves every batch against ``lambda C`` alone (plain MEMIT re-applied).
+            solves every batch against ``lambda C`` alone (plain MEMIT re-applied). With
+            ``config.solver``: EMMET preserves ``lambda C + sum K_b K_b^T`` as well,
+            AlphaEdit adds ``sum P K_b K_b^T P`` inside its inverse, ROME ignores them.
         progress: show progress bars for the long phases.
     """
 
@@ -200,6 +202,9 @@ class Editor:
         self._templates: tuple[str, ...] | None = self.config.context_templates
         self.remember_keys = remember_keys
         self._solvers: dict[int, linalg.LayerSolver] = {}
+        # Per layer, from the fixed statistics: AlphaEdit's null-space basis, ROME's factor of C.
+        self._nullspace: dict[int, torch.Tensor] = {}
+        self._rome_factor: dict[int, torch.Tensor] = {}
         # Keys written by earlier applies that are still in force: [(result, {layer: K})].
         self._written: list[tuple[EditResult, dict[int, torch.Tensor]]] = []
         # Applied results in order, held weakly: a result the user dropped cannot be reverted
@@ -226,6 +231,39 @@ class Editor:
                 s.commit(torch.cat(old, dim=1))
             self._solvers[layer] = s
         return self._solvers[layer]
+
+    def _solve_other(self, l, C, K, R, k_all, n, T) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors ``(R, U)`` of layer ``l``'s update for ``config.solver`` other than
+        ``"memit"`` (see :mod:`memit_fast.solvers`); ``U`` float64, ``R`` as given (EMMET,
+        AlphaEdit) or ROME's sequential residuals in ``R``'s dtype and device."""
+        c = self.config
+        Kc = K.to(C.device)
+        try:
+            if c.solver == "emmet":
+                U = solvers.emmet_solve(self._solver(l, C), Kc, c.emmet_ridge)
+            elif c.solver == "alphaedit":
+                if l not in self._nullspace:
+                    self._nullspace[l] = solvers.nullspace_basis(C, c.alphaedit_threshold)
+                    log.info(
+                        "layer %d: AlphaEdit null space of dimension %d of %d",
+                        l,
+                        self._nullspace[l].shape[1],
+                        C.shape[0],
+                    )
+                old = [ks[l] for _, ks in self._written if l in ks]
+                K_old = torch.cat(old, dim=1) if old else None
+                U = solvers.alphaedit_solve(self._nullspace[l], Kc, K_old, c.alphaedit_lambda)
+            elif c.solver == "rome":
+                if l not in self._rome_factor:
+                    self._rome_factor[l] = solvers.rome_factor(C)
+                K_bare = k_all.reshape(n, T, -1)[:, 0].T
+                R64, U = solvers.rome_solve(self._rome_factor[l], Kc, K_bare, R)
+                R = R64.to(R.device, R.dtype)
+            else:  # EditConfig validates the name
+                raise ValueError(f"EditConfig.solver {c.solver!r} is unknown")
+        except (linalg.IllConditionedError, solvers.SolverError) as e:
+            raise EditFailedError(f"layer {l}: {e}") from e
+        return R, U
 
     def _check_revertible(self, result: EditResult) -> None:
         alive = [r for r in (ref() for ref in self._history) if r is not None]
@@ -436,11 +474,14 @@ class Editor:
                 Z = tr.z.to(H.device)
                 R = ((Z - H) / (len(layers) - j)).T.contiguous()  # (dh, n)
                 C = stats[l].mom2
-                solver = self._solver(l, C)
-                try:
-                    U = solver.solve(K.to(C.device))
-                except linalg.IllConditionedError as e:
-                    raise EditFailedError(f"layer {l}: {e}") from e
+                if c.solver == "memit":
+                    solver = self._solver(l, C)
+                    try:
+                        U = solver.solve(K.to(C.device))
+                    except linalg.IllConditionedError as e:
+                        raise EditFailedError(f"layer {l}: {e}") from e
+                else:
+                    R, U = self._solve_other(l, C, K, R, k_all, n, T)
                 U = U.to(torch.float32)
                 written_keys[l] = K.detach().to("cpu")
                 timings["solve"] += time.perf_counter() - tick
@@ -480,7 +521,8 @@ class Editor:
         if self.remember_keys:
             # Only a complete edit is remembered (a failed apply leaves no trace).
             for l, K in written_keys.items():
-                self._solvers[l].commit(K.to(self._solvers[l].A.device))
+                if l in self._solvers:  # solvers without a factor rebuild from _written
+                    self._solvers[l].commit(K.to(self._solvers[l].A.device))
             self._written.append((result, written_keys))
         self._history.append(weakref.ref(result))
         return result

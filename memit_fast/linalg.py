@@ -542,6 +542,35 @@ class LayerSolver:
             log.warning("%s: solved at %s, not %s", self._who(), p, self.precision)
         return X
 
+    def solve_committed(self, B: torch.Tensor) -> torch.Tensor:
+        """``X (dk, m)`` float64 with ``A X = B`` for the committed system alone
+        (``lam C + K_c K_c^T``, no new keys), to float64 accuracy; the state is unchanged.
+        EMMET's solve (``memit_fast.solvers.emmet_solve``) uses it."""
+        if B.dim() != 2 or B.shape[0] != self.dk:
+            raise ValueError(f"{self._who()}: B must be ({self.dk}, m), got {tuple(B.shape)}")
+        B64 = B.to(self.A.device, torch.float64)
+        if B64.shape[1] == 0:
+            return B64.clone()
+        if self.precision == "fp64":
+            return cholesky_solve(self.L, B64, use_ext=self.use_ext)[0]
+        X, history = cholesky_solve(
+            self.L, B64, self.A, None, self.refine_steps, use_ext=self.use_ext
+        )
+        if converged(history, self.dk):
+            return X
+        log.info("%s: refinement on the committed factor stalled %s", self._who(), history)
+        X, _, _ = _refined_solve(
+            self.A,
+            B64,
+            _precision_ladder(self.precision, self.A.device),
+            auto=False,
+            what=f"{self._who()}: lambda*C",
+            refine_steps=self.refine_steps,
+            block_size=self.block_size,
+            use_ext=self.use_ext,
+        )
+        return X
+
     def commit(self, K: torch.Tensor) -> None:
         """Fold keys ``K (dk, n)`` into the system for good: ``A += K K^T`` and the factor
         is updated (never refactored)."""
