@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_edit import world_requests  # noqa: E402
 from memit_fast import EditConfig  # noqa: E402
 from memit_fast.editor import Editor  # noqa: E402
 from memit_fast.evaluate import counterfact_metrics  # noqa: E402
@@ -30,7 +31,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def run(remember: bool, cfg: EditConfig, batches: int, size: int) -> list[list[float]]:
     """``es[j][b]``: efficacy success of batch ``b`` after batch ``j`` was applied."""
     model, tok, world = load_world()
-    reqs = world.edit_requests(batches * size)
+    reqs = world_requests(world, batches * size)
     parts = [reqs[i * size : (i + 1) * size] for i in range(batches)]
     ed = Editor(model, tok, cfg, corpus=world.corpus_texts(n=2000), remember_keys=remember)
     out = []
