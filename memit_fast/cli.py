@@ -193,14 +193,25 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [add_eval_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memit_fast.cli_commands import add_demo_parser, add_edit_parser, add_stats_parser
+    from memit_fast.cli_commands import (
+        add_bench_parser,
+        add_demo_parser,
+        add_edit_parser,
+        add_stats_parser,
+    )
 
     parser = argparse.ArgumentParser(
         prog="memit-fast", description="Mass-editing memory in transformer language models."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in [*SUBCOMMANDS, add_edit_parser, add_stats_parser, add_demo_parser]:
+    for register in [
+        *SUBCOMMANDS,
+        add_edit_parser,
+        add_stats_parser,
+        add_demo_parser,
+        add_bench_parser,
+    ]:
         register(sub)
     return parser
 

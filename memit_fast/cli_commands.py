@@ -151,3 +151,47 @@ def run_stats_cli(args: argparse.Namespace) -> int:
     for l, s in stats.items():
         emit(f"layer {l}: {s.count} tokens, trace {float(s.mom2.trace()):.4g}")
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- bench
+
+BENCHMARKS = ("edit", "stats", "linalg", "covariance", "update")
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script of the source tree (benchmarks/bench_<name>.py)",
+        description="Runs benchmarks/bench_<name>.py of a source checkout with the remaining "
+        "arguments, e.g. `memit-fast bench edit --model smollm2 --n 20`.",
+    )
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+    p.set_defaults(func=run_bench_cli)
+
+
+def benchmarks_dir() -> str:
+    """``benchmarks/`` beside the package (a source checkout or an editable install)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "benchmarks")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    import runpy
+    import sys
+
+    script = os.path.join(benchmarks_dir(), f"bench_{args.name}.py")
+    if not os.path.isfile(script):
+        raise BadInput(
+            f"{script} not found: the benchmarks come with a source checkout "
+            "(git clone, then `pip install -e .`)"
+        )
+    argv = sys.argv
+    sys.argv = [script, *args.args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return EXIT_OK

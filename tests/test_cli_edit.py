@@ -133,3 +133,18 @@ def test_demo_on_a_local_model(setup, tmp_path, capsys):
     for section in ("Before the edit:", "Writing 4 facts:", "After the edit", "After revert():"):
         assert section in out
     assert "weights restored bit for bit: True" in out
+
+
+def test_bench_runs_a_benchmark_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    code = main(["bench", "update", "--device", "cpu", "--small"])
+    assert code == 0
+    csv = list(tmp_path.rglob("*.csv"))
+    assert csv, "the benchmark wrote no CSV rows under $OUT"
+    rows = csv[0].read_text().splitlines()
+    assert rows[0].startswith("timestamp,commit,device,benchmark") and len(rows) > 1
+    assert all(",update," in r for r in rows[1:])
+
+
+def test_bench_unknown_name_is_bad_input(capsys):
+    assert main(["bench", "nonsense"]) == 2
