@@ -56,6 +56,7 @@ FORMAT = "memit_fast.edit"
 FORMAT_VERSION = 1
 META_FILE = "edit.json"
 UPDATE_FILE = "update.safetensors"
+KEYS_FILE = "keys.safetensors"
 ORIGINALS_FILE = "originals.safetensors"
 
 # Keys of a transformers config that describe how a model was loaded or run, not what it
@@ -301,6 +302,7 @@ def save_edit(
     updates: dict[str, Any] = {}
     update_tensors: dict[str, torch.Tensor] = {}
     original_tensors: dict[str, torch.Tensor] = {}
+    key_tensors: dict[str, torch.Tensor] = {}
     n = len(result.requests)
     for l in result.layers:
         R, U = result.factors[l]
@@ -331,6 +333,10 @@ def save_edit(
             }
             update_tensors[f"layers.{l}.R"] = R.float().cpu()
             update_tensors[f"layers.{l}.U"] = U.float().cpu()
+        if l in result.keys:
+            # The keys the update was solved for: an Editor that remembers this edit
+            # (Editor.remember) protects them in later applies, as it would have in-process.
+            key_tensors[f"layers.{l}.keys"] = result.keys[l].float().cpu().contiguous()
         if include_originals:
             original_tensors[f"layers.{l}.weight"] = W0
         del W1, D
@@ -368,6 +374,8 @@ def save_edit(
         files = {UPDATE_FILE: _save_tensors(tmp / UPDATE_FILE, update_tensors)}
         if include_originals:
             files[ORIGINALS_FILE] = _save_tensors(tmp / ORIGINALS_FILE, original_tensors)
+        if key_tensors:
+            files[KEYS_FILE] = _save_tensors(tmp / KEYS_FILE, key_tensors)
         meta["tensor_sha256"] = files
         _write_json(tmp / META_FILE, meta)
     log.info("edit saved to %s (%d layers, %d requests)", path, len(result.layers), n)
@@ -393,6 +401,8 @@ class LoadedEdit:
         kinds: per layer, ``"factors"`` or ``"dense"``: what the file holds.
         factors: ``{layer: (R (dh, n) fp32, U (dk, n) fp32)}`` for the layers stored as
             factors.
+        keys: ``{layer: K (dk, n) fp32}``, the keys each update was solved for (what
+            :meth:`Editor.remember` needs to continue sequential editing).
         has_originals: whether :meth:`revert` is possible.
         metadata: the parsed ``edit.json``.
     """
@@ -412,7 +422,10 @@ class LoadedEdit:
         self.has_originals: bool = bool(meta.get("has_originals"))
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dense: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
         for l in self.layers:
+            if f"layers.{l}.keys" in tensors:
+                self.keys[l] = tensors[f"layers.{l}.keys"]
             names = meta["updates"][str(l)]["tensors"]
             if self.kinds[l] == "factors":
                 self.factors[l] = (tensors[names["R"]], tensors[names["U"]])
@@ -674,6 +687,18 @@ def load_edit(path: str | os.PathLike) -> LoadedEdit:
                     f"{uf}: tensor {name!r} (layer {l}) does not match its SHA-256; the file "
                     "is corrupted"
                 )
+    kf = path / KEYS_FILE
+    key_shas = meta.get("tensor_sha256", {}).get(KEYS_FILE)
+    if key_shas is not None:
+        if not kf.is_file():
+            raise ArtifactError(f"{path}: {KEYS_FILE} is missing")
+        keys = load_file(os.fspath(kf), device="cpu")
+        for name, t in keys.items():
+            if key_shas.get(name) != tensor_sha256(t):
+                raise ArtifactError(
+                    f"{kf}: tensor {name!r} does not match its SHA-256; the file is corrupted"
+                )
+        tensors = {**tensors, **keys}
     return LoadedEdit(path, dict(meta), tensors)
 
 

@@ -276,6 +276,24 @@ class Editor:
                     "reverse order"
                 )
 
+    def remember(self, edit) -> None:
+        """Continue sequential editing after an edit made elsewhere: later applies protect the
+        keys of ``edit`` (an :class:`EditResult` of another Editor, or a
+        :class:`~memit_fast.artifacts.LoadedEdit` applied to this model) as if this Editor
+        had written it. Raises ``ValueError`` if ``edit`` carries no keys for its layers."""
+        keys = dict(getattr(edit, "keys", None) or {})
+        layers = tuple(getattr(edit, "layers", ()))
+        missing = [l for l in layers if l not in keys]
+        if not layers or missing:
+            raise ValueError(
+                f"remember: the edit holds no keys for layers {missing or list(layers)} "
+                "(saved by an older memit_fast?)"
+            )
+        if not self.remember_keys:
+            raise ValueError("remember: this Editor was made with remember_keys=False")
+        self._written.append((edit, {l: k.detach().float().cpu() for l, k in keys.items()}))
+        self._solvers.clear()  # rebuilt from lambda C and every remembered key
+
     def _forget(self, result: EditResult) -> None:
         """Called by ``result.revert()``: its keys no longer protect anything."""
         self._history = [ref for ref in self._history if ref() is not None and ref() is not result]

@@ -87,3 +87,58 @@ def test_failed_apply_is_not_remembered(monkeypatch):
         ed.apply(REQUESTS[4:])
     assert len(ed._written) == 1
     assert ed._solvers[1].n_committed == 4
+
+
+def test_sequential_editing_continues_from_a_saved_edit(tmp_path):
+    """The keys travel with the saved edit: a new Editor on a model the edit was loaded into,
+    told to remember it, solves the next batch as the original Editor does."""
+    from memit_fast import load_edit
+
+    model = make_gpt2()
+    ed = make_editor(model)
+    r1 = ed.apply(REQUESTS[:4])
+    r1.save(tmp_path / "e1")
+    r2 = ed.apply(REQUESTS[4:])
+
+    other = make_gpt2()
+    loaded = load_edit(tmp_path / "e1")
+    assert set(loaded.keys) == {1, 2}
+    torch.testing.assert_close(loaded.keys[1], r1.keys[1], rtol=0, atol=0)
+    loaded.apply(other)
+    ed2 = make_editor(other)
+    ed2.remember(loaded)
+    r2b = ed2.apply(REQUESTS[4:])
+    for l in (1, 2):
+        torch.testing.assert_close(r2b.factors[l][1], r2.factors[l][1], rtol=1e-5, atol=1e-7)
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    # Without remembering, the second batch is solved against lambda C alone: different.
+    fresh = make_gpt2()
+    load_edit(tmp_path / "e1").apply(fresh)
+    r2c = make_editor(fresh).apply(REQUESTS[4:])
+    assert not torch.allclose(r2c.factors[1][1], r2.factors[1][1], rtol=1e-3, atol=1e-5)
+
+
+def test_remember_refuses_an_edit_without_keys():
+    ed = make_editor(make_gpt2())
+
+    class NoKeys:
+        layers = (1, 2)
+        keys = {}
+
+    with pytest.raises(ValueError, match="no keys for layers"):
+        ed.remember(NoKeys())
+
+
+def test_corrupted_saved_keys_are_refused(tmp_path):
+    from memit_fast import load_edit
+    from memit_fast.artifacts import KEYS_FILE, ArtifactError
+
+    ed = make_editor(make_gpt2())
+    ed.apply(REQUESTS[:2]).save(tmp_path / "e")
+    f = tmp_path / "e" / KEYS_FILE
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF  # a bit of the last tensor's data
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_edit(tmp_path / "e")
