@@ -190,6 +190,125 @@ double backward_error(const at::Tensor& R, const at::Tensor& X, double norm_m) {
   return at::where(r == 0, at::zeros_like(r), r / x).max().item<double>();
 }
 
+// ---------------------------------------------------------------------------------------
+// Rank-k update on the CPU: the panels in plain loops, the trailing products in BLAS.
+
+// The panel of a rank-k update has a structure the general QR ignores: [L11^T; X1^T] is
+// triangular over k dense rows, so reflector i touches row i of L11^T and the k rows of
+// X1^T only. Factoring it in place costs O(jb^2 k) without any per-panel library call,
+// which is what keeps small panels (sized by k) cheap. R (jb x jb, row-major, upper) holds
+// L11^T on entry and the new L11^T on exit; Xb (jb x k, row-major) holds X1 and is
+// consumed; Vt (jb x k) receives the reflectors' dense parts (row i: v_i) and T (jb x jb,
+// upper) their compact WY factor (H_1 ... H_jb = I - [I; V] T [I; V]^T). As in LAPACK's
+// larfg, beta = -sign(alpha) |(alpha, x)| with alpha = R[i][i] > 0 (a Cholesky diagonal,
+// touched by no earlier reflector), so |v| <= 1; the reflector that annihilated anything
+// leaves a negative diagonal, and flip[i] is set for the caller to negate column i of L'.
+// Returns whether every reflector flipped.
+template <typename scalar_t>
+bool update_panel(
+    scalar_t* R, scalar_t* Xb, scalar_t* Vt, scalar_t* T, char* flip, int64_t jb, int64_t k) {
+  bool all = true;
+  std::vector<scalar_t> tmp(jb);
+  for (int64_t i = 0; i < jb; ++i) {
+    const scalar_t* x = Xb + i * k;
+    scalar_t* v = Vt + i * k;
+    scalar_t xn2 = 0;
+    for (int64_t p = 0; p < k; ++p) xn2 += x[p] * x[p];
+    const scalar_t alpha = R[i * jb + i];
+    scalar_t tau = 0;
+    flip[i] = xn2 != 0;
+    if (xn2 == 0) {
+      all = false;
+      for (int64_t p = 0; p < k; ++p) v[p] = 0;
+    } else {
+      const scalar_t norm = std::sqrt(alpha * alpha + xn2);  // beta = -norm
+      const scalar_t inv = 1 / (alpha + norm);                // 1 / (alpha - beta)
+      for (int64_t p = 0; p < k; ++p) v[p] = x[p] * inv;
+      tau = (alpha + norm) / norm;
+      R[i * jb + i] = -norm;
+      for (int64_t c = i + 1; c < jb; ++c) {
+        scalar_t* xc = Xb + c * k;
+        scalar_t w = 0;
+        for (int64_t p = 0; p < k; ++p) w += v[p] * xc[p];
+        w = tau * (w + R[i * jb + c]);
+        R[i * jb + c] -= w;
+        for (int64_t p = 0; p < k; ++p) xc[p] -= w * v[p];
+      }
+    }
+    // Forward column of T (LAPACK's larft): T[0:i, i] = -tau T[0:i, 0:i] V[:, 0:i]^T v_i.
+    for (int64_t r = 0; r < i; ++r) {
+      const scalar_t* vr = Vt + r * k;
+      scalar_t d = 0;
+      for (int64_t p = 0; p < k; ++p) d += vr[p] * v[p];
+      tmp[r] = -tau * d;
+    }
+    for (int64_t r = 0; r < i; ++r) {
+      scalar_t acc = 0;
+      for (int64_t c = r; c < i; ++c) acc += T[r * jb + c] * tmp[c];
+      T[r * jb + i] = acc;
+    }
+    for (int64_t r = i + 1; r < jb; ++r) T[r * jb + i] = 0;
+    T[i * jb + i] = tau;
+  }
+  return all;
+}
+
+// Factor of L L^T + X X^T into the new row-major out (same shape and dtype as L, which
+// is row- or column-major), reading only L's lower triangle: [L X] Q = [L' 0] one block
+// column at a time. Cost ~ n^2 (2 k + nb) flops in BLAS plus O(n nb k) in the panels, so the blocks
+// are sized by k, and L is read and out written once (no copy of the factor first).
+template <typename scalar_t>
+void cpu_cholesky_update(const at::Tensor& L, at::Tensor& X, at::Tensor& out, int64_t nb) {
+  const int64_t n = L.size(0), k = X.size(1);
+  const scalar_t* l = L.const_data_ptr<scalar_t>();
+  const int64_t s0 = L.stride(0), s1 = L.stride(1);  // row- or column-major
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  scalar_t* x = X.mutable_data_ptr<scalar_t>();
+  const auto opts = L.options();
+  at::Tensor Rt = at::empty({nb, nb}, opts), Vt = at::empty({nb, k}, opts);
+  at::Tensor Tt = at::empty({nb, nb}, opts);
+  std::vector<char> flip(nb);
+  for (int64_t i = 0; i < n; ++i) {  // the strict upper triangle of out
+    std::fill(o + i * n + i + 1, o + (i + 1) * n, scalar_t(0));
+  }
+  for (int64_t j = 0; j < n; j += nb) {
+    const int64_t jb = std::min(nb, n - j);
+    scalar_t* R = Rt.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < jb; ++i) {  // R = L11^T
+      for (int64_t c = 0; c < jb; ++c) {
+        R[i * jb + c] = c >= i ? l[(j + c) * s0 + (j + i) * s1] : scalar_t(0);
+      }
+    }
+    scalar_t* V = Vt.mutable_data_ptr<scalar_t>();
+    scalar_t* T = Tt.mutable_data_ptr<scalar_t>();
+    const bool all = update_panel<scalar_t>(R, x + j * k, V, T, flip.data(), jb, k);
+    for (int64_t i = 0; i < jb; ++i) {  // L11' = R^T, flipped to a positive diagonal
+      const scalar_t s = flip[i] ? scalar_t(-1) : scalar_t(1);
+      for (int64_t c = i; c < jb; ++c) o[(j + c) * n + j + i] = s * R[i * jb + c];
+    }
+    const int64_t m = n - j - jb;
+    if (m == 0) {
+      break;
+    }
+    // [L21 X2] (I - [I; V] T [I; V]^T): Z = (L21 + X2 V) T, L21' = L21 - Z, X2 -= Z V^T.
+    const at::Tensor Vjt = at::from_blob(V, {jb, k}, opts);
+    const at::Tensor Tj = at::from_blob(T, {jb, jb}, opts);
+    const at::Tensor L21 = L.narrow(0, j + jb, m).narrow(1, j, jb);
+    at::Tensor O21 = out.narrow(0, j + jb, m).narrow(1, j, jb);
+    at::Tensor X2 = X.narrow(0, j + jb, m);
+    const at::Tensor Z = at::mm(at::addmm(L21, X2, Vjt.mT()), Tj);
+    X2.addmm_(Z, Vjt, /*beta=*/1, /*alpha=*/-1);
+    if (all) {
+      at::sub_out(O21, Z, L21);  // -(L21 - Z): every column flips (the usual case)
+    } else {
+      at::sub_out(O21, L21, Z);
+      for (int64_t i = 0; i < jb; ++i) {
+        if (flip[i]) O21.select(1, i).neg_();
+      }
+    }
+  }
+}
+
 }  // namespace
 
 double backward_error_tol(int64_t n) {
@@ -263,6 +382,9 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
   return {W, at::scalar_tensor(failed, A.options().dtype(at::kInt))};
 }
 
+// Largest k that the CPU path with panels in plain loops takes; wider updates use geqrf.
+constexpr int64_t kCpuUpdateMaxK = 128;
+
 at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& K, int64_t block_size) {
   constexpr const char* op = "memit_fast.cholesky_update";
   check_square(L, op, "L");
@@ -283,12 +405,24 @@ at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& K, int64_t blo
   }
 
   const auto dtype = L.scalar_type();
-  at::Tensor Lp = L.tril().contiguous();
   const int64_t k = K.size(1);
   if (k == 0 || n == 0) {
-    return Lp;
+    return L.tril().contiguous();
   }
   at::Tensor X = K.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  if (L.is_cpu() && k <= kCpuUpdateMaxK) {
+    // Blocks sized by k: the trailing products cost n^2 (2 k + nb) flops, the per-block
+    // overhead is a few library calls (benchmarks/bench_linalg.py, dk = 1536, one thread).
+    const int64_t nb = block_size > 0 ? block_size : std::clamp<int64_t>(k, 32, 64);
+    // Either layout is read in place (potrf's factors are column-major).
+    const at::Tensor Lc = L.stride(0) == 1 || L.stride(1) == 1 ? L : L.contiguous();
+    at::Tensor out = at::empty({n, n}, Lc.options());  // row-major
+    AT_DISPATCH_FLOATING_TYPES(dtype, "cholesky_update", [&] {
+      cpu_cholesky_update<scalar_t>(Lc, X, out, std::min(nb, n));
+    });
+    return out;
+  }
+  at::Tensor Lp = L.tril().contiguous();
   const int64_t nb = block_size > 0 ? block_size : default_block_size(L);
 
   // [L X] Q = [L' 0] for an orthogonal Q, one block column of L at a time: the QR of the
