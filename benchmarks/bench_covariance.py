@@ -34,26 +34,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memit_fast.kernels import covariance_finalize, torch_covariance_accumulate  # noqa: E402
 
 from benchmarks.harness import (  # noqa: E402
-    append_rows,
+    DTYPES,
+    add_output_args,
+    bf16_peak,
     device_name,
     make_row,
-    markdown_table,
+    parse_kernel_args,
+    report,
     time_fn,
+    timing_rows,
 )
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# Datasheet dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity).
-BF16_PEAKS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def nominal_peak(device: str, dtype: torch.dtype) -> float | None:
     """The dense 16-bit peak; for fp32 keys a sixth of it (the kernel's fp32 products are
     six bf16 ones, ``bf16x6``)."""
-    for key, peak in BF16_PEAKS.items():  # "H100 PCIe" is tried before "H100"
-        if key in device:
-            return peak / 6 if dtype == torch.float32 else peak
-    return None
+    peak = bf16_peak(device)
+    if peak is None:
+        return None
+    return peak / 6 if dtype == torch.float32 else peak
 
 
 def validate(C: torch.Tensor, Cref: torch.Tensor, X: torch.Tensor, mask: torch.Tensor) -> float:
@@ -88,16 +87,7 @@ def run(args) -> list[dict[str, object]]:
     def add(variant: str, fn, flops: float) -> None:
         tm = time_fn(fn, device)
         timings[variant] = (tm, flops / tm["median_ms"] / 1e9)
-        for metric in ("median_ms", "p20_ms", "p80_ms"):
-            rows.append(
-                make_row(
-                    variant=variant,
-                    metric=metric.replace("median_", ""),
-                    value=tm[metric],
-                    unit="ms",
-                    **common,
-                )
-            )
+        rows.extend(timing_rows(variant, tm, **common))
         rows.append(
             make_row(
                 variant=variant,
@@ -166,27 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="small sizes (always on CPU)")
     ap.add_argument("--small-d", type=int, default=512)
     ap.add_argument("--small-t", type=int, default=2048)
-    ap.add_argument(
-        "--interpret",
-        action="store_true",
-        help="on CPU, also run the kernel (needs TRITON_INTERPRET=1; a smoke test, not a timing)",
-    )
-    ap.add_argument("--csv", default="covariance", help="results file name (no .csv)")
-    ap.add_argument("--no-save", action="store_true", help="print only, append no rows")
-    args = ap.parse_args(argv)
-    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
-        ap.error("--interpret needs TRITON_INTERPRET=1 in the environment")
-    if torch.device(args.device).type == "cpu" and args.dtype == "bfloat16" and args.interpret:
-        args.dtype = "float16"  # the interpreter has no bf16
-    rows = run(args)
-    if not args.no_save:
-        path = append_rows(args.csv, rows)
-        sys.stdout.write(f"appended {len(rows)} rows to {path}\n")
-    sys.stdout.write(
-        markdown_table(rows, ["device", "dtype", "shape", "variant", "metric", "value", "unit"])
-        + "\n"
-    )
-    return 0
+    add_output_args(ap, "covariance", kernels="kernel")
+    args = parse_kernel_args(ap, argv)
+    return report(args, run(args))
 
 
 if __name__ == "__main__":

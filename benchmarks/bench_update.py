@@ -40,24 +40,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memit_fast.kernels import torch_fused_solve_update, torch_lowrank_update  # noqa: E402
 
 from benchmarks.harness import (  # noqa: E402
-    append_rows,
+    DTYPES,
+    add_output_args,
+    bf16_peak,
     device_name,
     make_row,
-    markdown_table,
+    parse_kernel_args,
+    report,
     time_fn,
+    timing_rows,
 )
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Datasheet dense bf16 tensor-core peaks (TFLOP/s, no sparsity).
-BF16_PEAKS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def fp32_emulated_peak(device: str) -> float | None:
     """Dense bf16 peak / 6: what fp32 products through ``bf16x6`` can reach at best."""
-    for key, peak in BF16_PEAKS.items():  # "H100 PCIe" is tried before "H100"
-        if key in device:
-            return peak / 6
-    return None
+    peak = bf16_peak(device)
+    return None if peak is None else peak / 6
 
 
 def make_problem(dk: int, dh: int, n: int, w_dtype: torch.dtype, device: torch.device):
@@ -108,16 +106,7 @@ def run(args) -> list[dict[str, object]]:
         tm = time_fn(fn, device)
         ms = tm["median_ms"]
         timings[variant] = ms
-        for metric in ("median_ms", "p20_ms", "p80_ms"):
-            rows.append(
-                make_row(
-                    variant=variant,
-                    metric=metric.replace("median_", ""),
-                    value=tm[metric],
-                    unit="ms",
-                    **common,
-                )
-            )
+        rows.extend(timing_rows(variant, tm, **common))
         tflops = flops / ms / 1e9
         rows.append(
             make_row(variant=variant, metric="throughput", value=tflops, unit="TFLOP/s", **common)
@@ -240,27 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-dk", type=int, default=512)
     ap.add_argument("--small-dh", type=int, default=256)
     ap.add_argument("--small-n", type=int, default=64)
-    ap.add_argument(
-        "--interpret",
-        action="store_true",
-        help="on CPU, also run the kernels (needs TRITON_INTERPRET=1; a smoke test, not a timing)",
-    )
-    ap.add_argument("--csv", default="update", help="results file name (no .csv)")
-    ap.add_argument("--no-save", action="store_true", help="print only, append no rows")
-    args = ap.parse_args(argv)
-    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
-        ap.error("--interpret needs TRITON_INTERPRET=1 in the environment")
-    if torch.device(args.device).type == "cpu" and args.dtype == "bfloat16" and args.interpret:
-        args.dtype = "float16"  # the interpreter has no bf16
-    rows = run(args)
-    if not args.no_save:
-        path = append_rows(args.csv, rows)
-        sys.stdout.write(f"appended {len(rows)} rows to {path}\n")
-    sys.stdout.write(
-        markdown_table(rows, ["device", "dtype", "shape", "variant", "metric", "value", "unit"])
-        + "\n"
-    )
-    return 0
+    add_output_args(ap, "update", kernels="kernels")
+    args = parse_kernel_args(ap, argv)
+    return report(args, run(args))
 
 
 if __name__ == "__main__":

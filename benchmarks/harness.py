@@ -6,11 +6,13 @@ Every benchmark appends rows with the same columns to a CSV under ``benchmarks/r
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -34,6 +36,19 @@ COLUMNS = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Datasheet dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity).
+BF16_PEAKS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def bf16_peak(device: str) -> float | None:
+    """The datasheet dense 16-bit peak of the device named ``device``; None when unknown."""
+    for key, peak in BF16_PEAKS.items():  # "H100 PCIe" is tried before "H100"
+        if key in device:
+            return peak
+    return None
 
 
 def results_dir() -> Path:
@@ -108,6 +123,54 @@ def make_row(**kw) -> dict[str, object]:
             raise KeyError(f"unknown column {k!r}")
         row[k] = v
     return row
+
+
+def timing_rows(variant: str, tm: dict[str, float], **common) -> list[dict[str, object]]:
+    """The ``ms``, ``p20_ms`` and ``p80_ms`` rows of one ``time_fn`` result."""
+    return [
+        make_row(
+            variant=variant,
+            metric=metric.replace("median_", ""),
+            value=tm[metric],
+            unit="ms",
+            **common,
+        )
+        for metric in ("median_ms", "p20_ms", "p80_ms")
+    ]
+
+
+def add_output_args(ap: argparse.ArgumentParser, csv_name: str, kernels: str) -> None:
+    """The kernel benchmarks' last options: ``--interpret``, ``--csv``, ``--no-save``."""
+    ap.add_argument(
+        "--interpret",
+        action="store_true",
+        help=f"on CPU, also run the {kernels} (needs TRITON_INTERPRET=1; a smoke test, not a timing)",
+    )
+    ap.add_argument("--csv", default=csv_name, help="results file name (no .csv)")
+    ap.add_argument("--no-save", action="store_true", help="print only, append no rows")
+
+
+def parse_kernel_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; ``--interpret`` needs ``TRITON_INTERPRET=1`` and runs fp16 for bf16 on CPU
+    (the interpreter has no bf16)."""
+    args = ap.parse_args(argv)
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--interpret needs TRITON_INTERPRET=1 in the environment")
+    if torch.device(args.device).type == "cpu" and args.dtype == "bfloat16" and args.interpret:
+        args.dtype = "float16"  # the interpreter has no bf16
+    return args
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, object]]) -> int:
+    """Append ``rows`` to ``args.csv`` unless ``--no-save``, then print them as a table."""
+    if not args.no_save:
+        path = append_rows(args.csv, rows)
+        sys.stdout.write(f"appended {len(rows)} rows to {path}\n")
+    sys.stdout.write(
+        markdown_table(rows, ["device", "dtype", "shape", "variant", "metric", "value", "unit"])
+        + "\n"
+    )
+    return 0
 
 
 def append_rows(name: str, rows: list[dict[str, object]]) -> Path:
