@@ -4,12 +4,10 @@
 import pytest
 import torch
 from reference_memit import ref_memit, ref_stats
-from tiny import CORPUS, REQUESTS, make_gpt2, make_llama, make_tokenizer
+from tiny import CORPUS, REQUESTS, TEMPLATES, make_gpt2, make_llama, make_tokenizer
+from tiny import exact_config as config
 
-from memit_fast import EditConfig
 from memit_fast.editor import Editor
-
-TEMPLATES = ("{}", "The weather is nice today. {}", "Because of that. {}")
 
 
 def rel(a, b):
@@ -17,26 +15,6 @@ def rel(a, b):
         (a.detach().double() - b.detach().double()).norm()
         / b.detach().double().norm().clamp_min(1e-30)
     )
-
-
-def config(**kw):
-    base = dict(
-        layers=(1, 2),
-        steps=8,
-        lr=0.5,
-        clamp_norm_factor=4.0,
-        weight_decay=0.5,
-        kl_factor=0.0625,
-        mom2_update_weight=50.0,
-        early_stop_loss=5e-2,
-        context_templates=TEMPLATES,
-        stats_samples=len(CORPUS),
-        stats_max_length=24,
-        stats_batch_size=4,
-        target_chunk_size=3,
-    )
-    base.update(kw)
-    return EditConfig(**base)
 
 
 @pytest.mark.parametrize("make", [make_gpt2, make_llama], ids=["gpt2", "llama"])

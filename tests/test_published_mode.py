@@ -7,40 +7,18 @@ import sys
 import pytest
 import torch
 from tiny import CORPUS, REQUESTS, make_gpt2, make_llama, make_tokenizer
+from tiny import exact_config as config
 
-from memit_fast import EditConfig
 from memit_fast.editor import Editor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.published_mode import PublishedStructureEditor, per_layer_stats  # noqa: E402
 
-TEMPLATES = ("{}", "The weather is nice today. {}", "Because of that. {}")
-
 
 def rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def config(**kw):
-    base = dict(
-        layers=(1, 2),
-        steps=8,
-        lr=0.5,
-        clamp_norm_factor=4.0,
-        weight_decay=0.5,
-        kl_factor=0.0625,
-        mom2_update_weight=50.0,
-        early_stop_loss=5e-2,
-        context_templates=TEMPLATES,
-        stats_samples=len(CORPUS),
-        stats_max_length=24,
-        stats_batch_size=4,
-        target_chunk_size=3,
-    )
-    base.update(kw)
-    return EditConfig(**base)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from memit_fast import EditConfig
+
 REQUESTS = [
     {"prompt": "{} plays the sport of", "subject": "LeBron James", "target": "football"},
     {"prompt": "The capital of {} is", "subject": "France", "target": "Rome"},
@@ -47,6 +49,31 @@ CORPUS = [
     "Ada wrote notes on the analytical engine, a mechanical computer.",
     "Howard studied the ice and the rocks of the southern continent.",
 ] * 2
+
+
+TEMPLATES = ("{}", "The weather is nice today. {}", "Because of that. {}")
+
+
+def exact_config(**kw) -> EditConfig:
+    """The small config of the exactness tests (two layers, a few steps, the whole CORPUS for
+    statistics), with ``kw`` overriding its fields."""
+    base = dict(
+        layers=(1, 2),
+        steps=8,
+        lr=0.5,
+        clamp_norm_factor=4.0,
+        weight_decay=0.5,
+        kl_factor=0.0625,
+        mom2_update_weight=50.0,
+        early_stop_loss=5e-2,
+        context_templates=TEMPLATES,
+        stats_samples=len(CORPUS),
+        stats_max_length=24,
+        stats_batch_size=4,
+        target_chunk_size=3,
+    )
+    base.update(kw)
+    return EditConfig(**base)
 
 
 @functools.cache
