@@ -47,7 +47,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,6 +248,45 @@ class _Batch:
         return self.scores[k]
 
 
+def _score_requests(
+    model, tokenizer, requests, batch_size: int, plan: Callable[[_Batch, EditRequest], Any]
+) -> tuple[list[EditRequest], _Batch, list[Any]]:
+    """``plan(batch, request)`` adds each request's prompts to one batch (and returns where
+    they are); the batch is then scored in one call. Returns the requests, the scored batch
+    and the plans."""
+    reqs = _as_requests(requests)
+    batch = _Batch()
+    plans = [plan(batch, r) for r in reqs]
+    batch.run(model, tokenizer, batch_size)
+    return reqs, batch, plans
+
+
+def _request_means(
+    out: dict[str, Any], records: list[dict], keys: Sequence[str], counts: bool
+) -> None:
+    """``out[key]``: the mean of the records' ``key`` over those that have it; with
+    ``counts``, also ``out["n_<first word of key>"]``, how many have it."""
+    for key in keys:
+        vals = [rec[key] for rec in records if rec[key] is not None]
+        out[key] = _mean(vals)
+        if counts:
+            out[f"n_{key.split('_')[0]}"] = len(vals)
+
+
+def _easyedit_means(out: dict[str, Any], records: list[dict], baseline) -> None:
+    """EasyEdit's aggregates: ``easyedit_rewrite_acc`` / ``easyedit_rephrase_acc`` from the
+    records' ``rewrite_acc`` / ``rephrase_acc``, and ``easyedit_locality`` (per record too)
+    against ``baseline`` when given (else ``None``)."""
+    out["easyedit_rewrite_acc"] = _mean([rec["rewrite_acc"] for rec in records])
+    out["easyedit_rephrase_acc"] = _mean([rec["rephrase_acc"] for rec in records])
+    out["easyedit_locality"] = None
+    if baseline is not None:
+        loc = _locality(baseline, records)
+        for rec, v in zip(records, loc):
+            rec["easyedit_locality"] = v
+        out["easyedit_locality"] = _mean(loc)
+
+
 def _locality(baseline, records: list[dict], key: str = "neighborhood") -> list[float | None]:
     """EasyEdit locality per request: agreement of top-1 predictions with the baseline's."""
     base = baseline["records"] if isinstance(baseline, dict) else baseline
@@ -319,10 +358,8 @@ def counterfact_metrics(
     dict per request with the per-prompt NLLs (``{"target_new": nll, "target_true": nll}``,
     MEMIT's layout) and per-request figures.
     """
-    reqs = _as_requests(requests)
-    batch = _Batch()
-    plan = []
-    for r in reqs:
+
+    def plan_request(batch: _Batch, r: EditRequest) -> dict[str, Any]:
         item: dict[str, Any] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
         for kind, prompts in (("rewrite", [r.text]), ("paraphrase", r.paraphrase_prompts)):
             for p in prompts:
@@ -333,8 +370,9 @@ def counterfact_metrics(
             if ans is None:
                 continue
             item["neighborhood"].append((batch.add(p, r.target), batch.add(p, ans)))
-        plan.append(item)
-    batch.run(model, tokenizer, batch_size)
+        return item
+
+    reqs, batch, plan = _score_requests(model, tokenizer, requests, batch_size, plan_request)
 
     records = []
     for r, item in zip(reqs, plan):
@@ -364,30 +402,13 @@ def counterfact_metrics(
         records.append(rec)
 
     out: dict[str, Any] = {"n": len(reqs)}
-    for key in (
-        "efficacy_success",
-        "paraphrase_success",
-        "neighborhood_success",
-        "efficacy_magnitude",
-        "paraphrase_magnitude",
-        "neighborhood_magnitude",
-    ):
-        vals = [rec[key] for rec in records if rec[key] is not None]
-        out[key] = _mean(vals)
-        if key.endswith("success"):
-            out[f"n_{key.split('_')[0]}"] = len(vals)
-    out["score"] = _harmonic(
-        [out["efficacy_success"], out["paraphrase_success"], out["neighborhood_success"]]
-    )
+    kinds = ("efficacy", "paraphrase", "neighborhood")
+    _request_means(out, records, [f"{k}_success" for k in kinds], counts=True)
+    _request_means(out, records, [f"{k}_magnitude" for k in kinds], counts=False)
+    out["score"] = _harmonic([out[f"{k}_success"] for k in kinds])
     out["neighborhood_acc"] = _mean([rec["neighborhood_acc"] for rec in records])
-    out["easyedit_rewrite_acc"] = _mean([rec["rewrite_acc"] for rec in records])
-    out["easyedit_rephrase_acc"] = _mean([rec["rephrase_acc"] for rec in records])
-    out["easyedit_locality"] = None
+    _easyedit_means(out, records, baseline)
     if baseline is not None:
-        loc = _locality(baseline, records)
-        for rec, v in zip(records, loc):
-            rec["easyedit_locality"] = v
-        out["easyedit_locality"] = _mean(loc)
         changed = _changed(baseline, records)
         for rec, (c, t) in zip(records, changed):
             rec["neighborhood_changed"] = c / t if t else None
@@ -438,20 +459,15 @@ def zsre_metrics(
     MEMIT code pools them); aggregates average over requests. ``records`` holds the
     per-request figures and token-level predictions.
     """
-    reqs = _as_requests(requests)
-    batch = _Batch()
-    plan = []
-    for r in reqs:
-        plan.append(
-            {
-                "rewrite": [batch.add(r.text, r.target)],
-                "paraphrase": [batch.add(p, r.target) for p in r.paraphrase_prompts],
-                "neighborhood": [
-                    batch.add(p, a) for p, a in _neighborhood_pairs(r) if a is not None
-                ],
-            }
-        )
-    batch.run(model, tokenizer, batch_size)
+
+    def plan_request(batch: _Batch, r: EditRequest) -> dict[str, list[int]]:
+        return {
+            "rewrite": [batch.add(r.text, r.target)],
+            "paraphrase": [batch.add(p, r.target) for p in r.paraphrase_prompts],
+            "neighborhood": [batch.add(p, a) for p, a in _neighborhood_pairs(r) if a is not None],
+        }
+
+    reqs, batch, plan = _score_requests(model, tokenizer, requests, batch_size, plan_request)
 
     def pooled(ks: list[int]) -> float | None:
         c = [x for k in ks for x in batch[k].correct]
@@ -470,18 +486,8 @@ def zsre_metrics(
         rec["neighborhood_predicted"] = [list(batch[k].predicted) for k in item["neighborhood"]]
         records.append(rec)
     out: dict[str, Any] = {"n": len(reqs)}
-    for key in ("efficacy_acc", "paraphrase_acc", "specificity_acc"):
-        vals = [rec[key] for rec in records if rec[key] is not None]
-        out[key] = _mean(vals)
-        out[f"n_{key.split('_')[0]}"] = len(vals)
-    out["easyedit_rewrite_acc"] = _mean([rec["rewrite_acc"] for rec in records])
-    out["easyedit_rephrase_acc"] = _mean([rec["rephrase_acc"] for rec in records])
-    out["easyedit_locality"] = None
-    if baseline is not None:
-        loc = _locality(baseline, records)
-        for rec, v in zip(records, loc):
-            rec["easyedit_locality"] = v
-        out["easyedit_locality"] = _mean(loc)
+    _request_means(out, records, ("efficacy_acc", "paraphrase_acc", "specificity_acc"), counts=True)
+    _easyedit_means(out, records, baseline)
     out["records"] = records
     return out
 
