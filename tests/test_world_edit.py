@@ -2,8 +2,9 @@
 that knows its facts, judged by CounterFact's metrics.
 
 The settings are the measured ones in ``benchmarks/results/world_config.json``
-(``benchmarks/tune_world.py``); on them this run measured ES 0.93, PS 0.915, NS 0.838
-(unedited 0.00 / 0.00 / 1.00). The floors below leave a few requests of room."""
+(``benchmarks/tune_world.py``: layers 0-1, lr 0.25, 150 steps, lambda 500); on them this run
+measured ES 0.99, PS 0.945, NS 0.862 (unedited 0.00 / 0.00 / 1.00). The floors below are the
+issue's (ES 0.95, NS 0.8) and a few requests under the measured PS."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def test_100_edits_in_one_apply():
     figures = {k: round(m[k], 3) for k in ("efficacy_success", "paraphrase_success")}
     figures.update({k: round(m[k], 3) for k in ("neighborhood_success", "neighborhood_changed")})
     print("world, 100 edits:", figures)
-    assert m["efficacy_success"] >= 0.9
-    assert m["paraphrase_success"] >= 0.85
+    assert m["efficacy_success"] >= 0.95
+    assert m["paraphrase_success"] >= 0.9
     assert m["neighborhood_success"] >= 0.8
     res.revert()
     assert all(torch.equal(p, snap[n]) for n, p in model.state_dict().items())
