@@ -61,7 +61,7 @@ from benchmarks.published_mode import (  # noqa: E402
     PublishedStructureEditor,
     _frozen,
 )
-from memit_fast.config import auto_config  # noqa: E402
+from memit_fast.config import EditConfig, auto_config  # noqa: E402
 from memit_fast.data import EditRequest  # noqa: E402
 from memit_fast.editor import Editor  # noqa: E402
 from memit_fast.stats import default_corpus_path  # noqa: E402
@@ -428,6 +428,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default=None, help="statistics text (default: packaged)")
     ap.add_argument("--stats-samples", type=int, default=None)
     ap.add_argument("--stats-max-length", type=int, default=None)
+    ap.add_argument("--config", default=None, help="EditConfig JSON file (else auto_config)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--fixed-steps", action="store_true", default=None, help="no early stop")
     ap.add_argument("--target-chunk", type=int, default=None)
@@ -499,7 +500,12 @@ def bench_model(name: str, args, modes: list[str]) -> None:
         # The world model knows only its own language: statistics from its documents.
         corpus = world.corpus_texts(n=2000)
         over.setdefault("stats_samples", len(corpus))
-    cfg = auto_config(model, **over)
+    if args.config:
+        with open(args.config) as f:
+            cfg = EditConfig.from_json(f.read())
+        cfg = cfg.replace(**over) if over else cfg
+    else:
+        cfg = auto_config(model, **over)
     dev_label = device_name(device)
     print(f"# {model_label} on {dev_label}, {dtype_name}; layers {list(cfg.layers)}", flush=True)
 
