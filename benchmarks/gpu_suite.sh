@@ -144,7 +144,7 @@ fi
 
 # 2. GPU tests (files that exist; kernels and extension against their references).
 if [ $DRY = 0 ] || [ $WITH_TESTS = 1 ]; then
-  GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_covariance.py tests/test_kernels_update.py tests/test_kernels_dispatch.py tests/test_ext_nvcc.py tests/test_linalg.py tests/test_published_mode.py"}
+  GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_covariance.py tests/test_kernels_update.py tests/test_kernels_dispatch.py tests/test_ext_nvcc.py tests/test_ext_cuda.py tests/test_linalg.py tests/test_published_mode.py"}
   files=()
   for f in $GPU_TESTS; do [ -f "$f" ] && files+=("$f"); done
   if [ ${#files[@]} -gt 0 ]; then
