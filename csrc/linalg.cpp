@@ -5,6 +5,8 @@
 
 #include "memit_fast.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -257,6 +259,9 @@ bool update_panel(
 // is row- or column-major), reading only L's lower triangle: [L X] Q = [L' 0] one block
 // column at a time. Cost ~ n^2 (2 k + nb) flops in BLAS plus O(n nb k) in the panels, so the blocks
 // are sized by k, and L is read and out written once (no copy of the factor first).
+// Rows of the trailing update per thread at the least.
+constexpr int64_t kUpdateRowGrain = 256;
+
 template <typename scalar_t>
 void cpu_cholesky_update(const at::Tensor& L, at::Tensor& X, at::Tensor& out, int64_t nb) {
   const int64_t n = L.size(0), k = X.size(1);
@@ -291,21 +296,25 @@ void cpu_cholesky_update(const at::Tensor& L, at::Tensor& X, at::Tensor& out, in
       break;
     }
     // [L21 X2] (I - [I; V] T [I; V]^T): Z = (L21 + X2 V) T, L21' = L21 - Z, X2 -= Z V^T.
+    // Every row is independent: the rows are split over the threads, each chunk with its
+    // own single-threaded products (the products are too thin for a threaded GEMM to pay).
     const at::Tensor Vjt = at::from_blob(V, {jb, k}, opts);
     const at::Tensor Tj = at::from_blob(T, {jb, jb}, opts);
-    const at::Tensor L21 = L.narrow(0, j + jb, m).narrow(1, j, jb);
-    at::Tensor O21 = out.narrow(0, j + jb, m).narrow(1, j, jb);
-    at::Tensor X2 = X.narrow(0, j + jb, m);
-    const at::Tensor Z = at::mm(at::addmm(L21, X2, Vjt.mT()), Tj);
-    X2.addmm_(Z, Vjt, /*beta=*/1, /*alpha=*/-1);
-    if (all) {
-      at::sub_out(O21, Z, L21);  // -(L21 - Z): every column flips (the usual case)
-    } else {
-      at::sub_out(O21, L21, Z);
-      for (int64_t i = 0; i < jb; ++i) {
-        if (flip[i]) O21.select(1, i).neg_();
+    at::parallel_for(j + jb, n, kUpdateRowGrain, [&](int64_t r0, int64_t r1) {
+      const at::Tensor L21 = L.narrow(0, r0, r1 - r0).narrow(1, j, jb);
+      at::Tensor O21 = out.narrow(0, r0, r1 - r0).narrow(1, j, jb);
+      at::Tensor X2 = X.narrow(0, r0, r1 - r0);
+      const at::Tensor Z = at::mm(at::addmm(L21, X2, Vjt.mT()), Tj);
+      X2.addmm_(Z, Vjt, /*beta=*/1, /*alpha=*/-1);
+      if (all) {
+        at::sub_out(O21, Z, L21);  // -(L21 - Z): every column flips (the usual case)
+      } else {
+        at::sub_out(O21, L21, Z);
+        for (int64_t i = 0; i < jb; ++i) {
+          if (flip[i]) O21.select(1, i).neg_();
+        }
       }
-    }
+    });
   }
 }
 
