@@ -548,7 +548,7 @@ def bench_model(name: str, args, modes: list[str]) -> None:
             if elapsed + predicted > args.budget_s:
                 print(f"SKIP N={n}: predicted {predicted:.0f} s exceeds the budget", flush=True)
                 break
-        if args.eval and unedited is None:
+        if args.eval:  # the unedited model on these N requests (the baseline of each N)
             unedited = quality(model, tok, reqs)
             for k, v in unedited.items():
                 if k != "raw" and v is not None:
