@@ -25,5 +25,7 @@ def test_eval_over_several_n(tmp_path):
     for n in ("2", "4"):
         got = {r["metric"] for r in rows if r["n"] == n and r["variant"] == "unedited"}
         assert {"ES", "PS", "NS"} <= got, (n, got)
-        assert any(r["n"] == n and r["variant"] == "fast" and r["metric"] == "changed" for r in rows)
+        assert any(
+            r["n"] == n and r["variant"] == "fast" and r["metric"] == "changed" for r in rows
+        )
     assert "layers=0-1;steps=3" in rows[-1]["shape"]  # the settings came from --config
