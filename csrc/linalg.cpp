@@ -55,17 +55,49 @@ void check_finite(const at::Tensor& t, const char* op, const char* name) {
       " contains NaN or Inf (check the statistics and the keys that built it)");
 }
 
-// A symmetric and finite, in one pass over row blocks (no (n, n) temporary). The scale is
-// the largest diagonal entry, which bounds every entry of an SPD matrix.
+// Largest |A_ij - A_ji| on the CPU, NaN if an off-diagonal entry is not finite: each pair
+// i < j read once, in square tiles (both reads stay in cache), no temporary.
+template <typename scalar_t>
+double cpu_max_asymmetry(const at::Tensor& A) {
+  constexpr int64_t tile = 64;
+  const int64_t n = A.size(0), s0 = A.stride(0), s1 = A.stride(1);
+  const scalar_t* a = A.const_data_ptr<scalar_t>();
+  double asym = 0;
+  bool finite = true;
+  for (int64_t bi = 0; bi < n; bi += tile) {
+    const int64_t ei = std::min(bi + tile, n);
+    for (int64_t bj = bi; bj < n; bj += tile) {
+      const int64_t ej = std::min(bj + tile, n);
+      for (int64_t i = bi; i < ei; ++i) {
+        for (int64_t j = std::max(bj, i + 1); j < ej; ++j) {
+          const double d = std::abs(double(a[i * s0 + j * s1]) - double(a[j * s0 + i * s1]));
+          finite = finite && std::isfinite(d);  // NaN or Inf in either entry
+          asym = d > asym ? d : asym;
+        }
+      }
+    }
+  }
+  return finite ? asym : std::numeric_limits<double>::quiet_NaN();
+}
+
+// A symmetric and finite, in one pass (no (n, n) temporary). The scale is the largest
+// diagonal entry, which bounds every entry of an SPD matrix.
 void check_symmetric_finite(const at::Tensor& A, const char* op) {
   const int64_t n = A.size(0);
-  const int64_t step = 1024;
-  at::Tensor asym = at::zeros({}, A.options());
-  for (int64_t i = 0; i < n; i += step) {
-    const int64_t ib = std::min(step, n - i);
-    asym = at::maximum(asym, (A.narrow(0, i, ib) - A.narrow(1, i, ib).mT()).abs().amax());
+  double a = 0;  // NaN or Inf anywhere off the diagonal makes this NaN or Inf
+  if (A.device().is_cpu()) {
+    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "check_symmetric_finite", [&] {
+      a = cpu_max_asymmetry<scalar_t>(A);
+    });
+  } else {
+    const int64_t step = 1024;
+    at::Tensor asym = at::zeros({}, A.options());
+    for (int64_t i = 0; i < n; i += step) {
+      const int64_t ib = std::min(step, n - i);
+      asym = at::maximum(asym, (A.narrow(0, i, ib) - A.narrow(1, i, ib).mT()).abs().amax());
+    }
+    a = asym.item<double>();
   }
-  const double a = asym.item<double>();  // NaN or Inf anywhere makes this NaN or Inf
   const double s = n > 0 ? A.diagonal().abs().max().item<double>() : 0.0;
   TORCH_CHECK(
       std::isfinite(a) && std::isfinite(s), op,
@@ -375,11 +407,12 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
   at::Tensor W;
   if (block_size <= 0 && same_precision) {
     auto [L, info] = at::linalg_cholesky_ex(A.to(dtype), /*upper=*/false, /*check_errors=*/false);
-    W = L;
+    W = L;  // torch zeroes the strict upper triangle of its result
     failed = info.item<int64_t>();
   } else {
     W = A.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
     failed = blocked_cholesky_(W, block_size > 0 ? block_size : default_block_size(A), p);
+    W.tril_();  // (the blocked factor works in place on the full matrix)
   }
   TORCH_CHECK(
       !(check_errors && failed > 0), op,
@@ -387,7 +420,6 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
       " of ", n, " (0-based, trailing precision ", precision_name(p),
       "). For MEMIT's lambda*C + K K^T: use a larger lambda (mom2_update_weight), more "
       "statistics samples, or a higher precision");
-  W.tril_();  // (potrf leaves the failed part of its result unspecified)
   return {W, at::scalar_tensor(failed, A.options().dtype(at::kInt))};
 }
 
