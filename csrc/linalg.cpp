@@ -425,6 +425,8 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
 
 // Largest k that the CPU path with panels in plain loops takes; wider updates use geqrf.
 constexpr int64_t kCpuUpdateMaxK = 128;
+// Its block width.
+constexpr int64_t kCpuUpdateBlock = 24;
 
 at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& K, int64_t block_size) {
   constexpr const char* op = "memit_fast.cholesky_update";
@@ -452,9 +454,10 @@ at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& K, int64_t blo
   }
   at::Tensor X = K.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
   if (L.is_cpu() && k <= kCpuUpdateMaxK) {
-    // Blocks sized by k: the trailing products cost n^2 (2 k + nb) flops, the per-block
-    // overhead is a few library calls (benchmarks/bench_linalg.py, dk = 1536, one thread).
-    const int64_t nb = block_size > 0 ? block_size : std::clamp<int64_t>(k, 32, 64);
+    // The trailing products cost n^2 (2 k + nb) flops, the per-block overhead is a few
+    // library calls: 24 was the fastest of 8-128 for k = 20 and 100 at dk = 1536 and 4096,
+    // one and two threads (by 0-25 % over 32-64).
+    const int64_t nb = block_size > 0 ? block_size : kCpuUpdateBlock;
     // Either layout is read in place (potrf's factors are column-major).
     const at::Tensor Lc = L.stride(0) == 1 || L.stride(1) == 1 ? L : L.contiguous();
     at::Tensor out = at::empty({n, n}, Lc.options());  // row-major
