@@ -292,7 +292,7 @@ bool update_panel(
 // column at a time. Cost ~ n^2 (2 k + nb) flops in BLAS plus O(n nb k) in the panels, so the blocks
 // are sized by k, and L is read and out written once (no copy of the factor first).
 // Rows of the trailing update per thread at the least.
-constexpr int64_t kUpdateRowGrain = 256;
+constexpr int64_t kUpdateRowGrain = 128;
 
 template <typename scalar_t>
 void cpu_cholesky_update(const at::Tensor& L, at::Tensor& X, at::Tensor& out, int64_t nb) {
