@@ -227,6 +227,9 @@ double backward_error(const at::Tensor& R, const at::Tensor& X, double norm_m) {
 // ---------------------------------------------------------------------------------------
 // Rank-k update on the CPU: the panels in plain loops, the trailing products in BLAS.
 
+// Rows of the trailing update per thread at the least.
+constexpr int64_t kUpdateRowGrain = 128;
+
 // The panel of a rank-k update has a structure the general QR ignores: [L11^T; X1^T] is
 // triangular over k dense rows, so reflector i touches row i of L11^T and the k rows of
 // X1^T only. Factoring it in place costs O(jb^2 k) without any per-panel library call,
@@ -289,11 +292,8 @@ bool update_panel(
 
 // Factor of L L^T + X X^T into the new row-major out (same shape and dtype as L, which
 // is row- or column-major), reading only L's lower triangle: [L X] Q = [L' 0] one block
-// column at a time. Cost ~ n^2 (2 k + nb) flops in BLAS plus O(n nb k) in the panels, so the blocks
-// are sized by k, and L is read and out written once (no copy of the factor first).
-// Rows of the trailing update per thread at the least.
-constexpr int64_t kUpdateRowGrain = 128;
-
+// column at a time. Cost ~ n^2 (2 k + nb) flops in BLAS plus O(n nb k) in the panels, so the
+// blocks are narrow, and L is read and out written once (no copy of the factor first).
 template <typename scalar_t>
 void cpu_cholesky_update(const at::Tensor& L, at::Tensor& X, at::Tensor& out, int64_t nb) {
   const int64_t n = L.size(0), k = X.size(1);
