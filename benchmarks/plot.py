@@ -51,19 +51,19 @@ def read(path: Path) -> list[dict[str, str]]:
         key = tuple(r.get(k, "") for k in ("device", "model", "dtype", "n", "shape", "variant", "metric"))  # fmt: skip
         latest[key] = r
     rows = list(latest.values())
+
     # An edit run's shape is its settings (layers, steps, ...): a model's latest settings
     # supersede the older ones, whose rows would otherwise mix into its curves.
+    def group(r):
+        return r.get("device", ""), r.get("model", ""), r.get("dtype", "")
+
     newest: dict[tuple, tuple[str, str]] = {}
     for r in rows:
         if r.get("benchmark") == "edit":
-            g = (r.get("device", ""), r.get("model", ""), r.get("dtype", ""))
-            newest[g] = max(newest.get(g, ("", "")), (r.get("timestamp", ""), r.get("shape", "")))
+            stamp = (r.get("timestamp", ""), r.get("shape", ""))
+            newest[group(r)] = max(newest.get(group(r), ("", "")), stamp)
     return [
-        r
-        for r in rows
-        if r.get("benchmark") != "edit"
-        or r.get("shape", "")
-        == newest[(r.get("device", ""), r.get("model", ""), r.get("dtype", ""))][1]
+        r for r in rows if r.get("benchmark") != "edit" or r.get("shape", "") == newest[group(r)][1]
     ]
 
 

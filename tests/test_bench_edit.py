@@ -21,7 +21,7 @@ def test_eval_over_several_n(tmp_path):
            "--threads", "1"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = list(csv.DictReader(open(tmp_path / "edit.csv")))
+    rows = list(csv.DictReader((tmp_path / "edit.csv").read_text().splitlines()))
     for n in ("2", "4"):
         got = {r["metric"] for r in rows if r["n"] == n and r["variant"] == "unedited"}
         assert {"ES", "PS", "NS"} <= got, (n, got)
