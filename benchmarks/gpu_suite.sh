@@ -16,8 +16,10 @@
 #   --pack          at the end, pack every result into gpu_suite_results.tar.gz (for
 #                   transports that bring back few files); suite.md and suite.log stay loose
 #
-# Environment: PYTHON (default python3), MAX_JOBS (extension build), GPU_TESTS (test files),
-# EDIT_MODELS (default "llama-2-7b gpt-j-6b gpt2-xl").
+# Environment: PYTHON (default python3), MAX_JOBS (extension build, default 12),
+# TRITON_TESTS / EXT_TESTS (test files before / after the build), TUNE_S (seconds of the
+# kernel config sweep, 0 skips it), EDIT_MODELS (default "llama-2-7b gpt-j-6b gpt2-xl";
+# empty skips), STATS_MODEL (default llama-2-7b; empty skips).
 # Every step runs under its own time limit; a failing step is reported and the suite goes
 # on; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -137,20 +139,59 @@ bench_nomd() {  # for scripts without --md: their markdown tables are copied fro
 }
 
 
-# 1. Build the extension (in place, so the benchmarks import it from the checkout).
-if [ $DRY = 0 ] || [ $WITH_BUILD = 1 ]; then
+# 0. A plain checkout (no pip install): memit_fast.kernels is the top-level kernels/ folder,
+#    mapped by setup.py at install time; link it in place so the checkout imports as installed.
+if ! "$PYTHON" -c "import memit_fast.kernels" 2>/dev/null; then
+  [ -e memit_fast/kernels ] || ln -s ../kernels memit_fast/kernels
+fi
+
+# 1. Build the extension (in place, so the benchmarks import it from the checkout). In a real
+#    run it builds in the background while the Triton tests and benchmarks (which do not
+#    need it) run on the GPU; the steps that use it wait for it.
+BUILD_PID=""
+BUILD_LOG=$RESULTS/build.log
+BUILD_T0=$(date +%s)
+if [ $DRY = 0 ]; then
+  ( timeout --kill-after=10 300 env MAX_JOBS="${MAX_JOBS:-12}" "$PYTHON" setup.py build_ext \
+      --inplace > "$BUILD_LOG" 2>&1 ) &
+  BUILD_PID=$!
+elif [ $WITH_BUILD = 1 ]; then
   step "build extension" 150 env MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" setup.py build_ext --inplace
 fi
 
-# 2. GPU tests (files that exist; kernels and extension against their references).
-if [ $DRY = 0 ] || [ $WITH_TESTS = 1 ]; then
-  GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_covariance.py tests/test_kernels_update.py tests/test_kernels_dispatch.py tests/test_ext_nvcc.py tests/test_ext_cuda.py tests/test_linalg.py tests/test_published_mode.py"}
-  files=()
-  for f in $GPU_TESTS; do [ -f "$f" ] && files+=("$f"); done
-  if [ ${#files[@]} -gt 0 ]; then
-    step "gpu tests" 75 "$PYTHON" -m pytest -q -p no:cacheprovider "${files[@]}" \
-      --junitxml="$RESULTS/gpu_tests.xml"
+wait_build() {  # the background build's result, as a step of its own
+  [ -z "$BUILD_PID" ] && return 0
+  wait "$BUILD_PID"
+  local rc=$? dt=$(( $(date +%s) - BUILD_T0 ))
+  BUILD_PID=""
+  cat "$BUILD_LOG" >> "$LOG"
+  if [ $rc -eq 0 ]; then
+    echo "--- build extension ok (${dt}s, in the background)" | tee -a "$LOG"
+    echo "- build extension: ok (${dt}s, in the background)" >> "$STEPS"
+  else
+    echo "--- build extension FAILED: exit $rc (${dt}s)" | tee -a "$LOG"
+    tail -n 30 "$BUILD_LOG"
+    echo "- build extension: FAILED, exit $rc (${dt}s)" >> "$STEPS"
+    FAILED+=("build extension")
   fi
+}
+
+run_tests() {  # run_tests NAME LIMIT FILES... : the files that exist, one pytest step
+  local name=$1 limit=$2; shift 2
+  local files=()
+  for f in "$@"; do [ -f "$f" ] && files+=("$f"); done
+  [ ${#files[@]} -eq 0 ] && return 0
+  step "$name" "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider "${files[@]}" \
+    --junitxml="$RESULTS/$(echo "$name" | tr ' ' '_').xml"
+}
+
+# 2. GPU tests (files that exist; kernels and extension against their references). The
+#    Triton kernels first (no extension needed), the extension and the whole engine after
+#    the build. (The nvcc compile test is left to CI: the build above compiles the .cu.)
+TRITON_TESTS=${TRITON_TESTS:-"tests/test_kernels_covariance.py tests/test_kernels_update.py tests/test_kernels_dispatch.py"}
+EXT_TESTS=${EXT_TESTS:-"tests/test_ext_cuda.py tests/test_linalg.py tests/test_engine_cuda.py tests/test_published_mode.py"}
+if [ $DRY = 0 ] || [ $WITH_TESTS = 1 ]; then
+  run_tests "gpu tests triton" 120 $TRITON_TESTS
 fi
 
 # 3. Benchmarks: the edit end to end first (the product's claim), then its parts.
@@ -165,7 +206,22 @@ if [ $DRY = 1 ]; then
   bench_nomd bench_covariance.py 30 --device "$DEVICE" --small --small-d 64 --small-t 256
   bench_nomd bench_update.py 30 --device "$DEVICE" --small --small-dk 64 --small-dh 32 --small-n 8
   bench_nomd bench_linalg.py 30 --device "$DEVICE" --dk 64 --n 8 --rep 1
+  if [ $WITH_TESTS = 1 ]; then
+    wait_build
+    run_tests "gpu tests extension and engine" 120 $EXT_TESTS
+  fi
 else
+  # The kernels (no extension needed), then the extension and the engine end to end.
+  bench_nomd bench_covariance.py 45 --device cuda
+  bench_nomd bench_update.py 60 --device cuda
+  wait_build
+  run_tests "gpu tests extension and engine" 120 $EXT_TESTS
+  # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).
+  bench_nomd bench_linalg.py 90 --device cuda --dk "${LINALG_DK:-16384}" \
+    --n "${LINALG_N:-100,10000}"
+  if [ "${TUNE_S:-90}" -gt 0 ]; then
+    bench_nomd tune_kernels.py $(( ${TUNE_S:-90} + 30 )) --budget-s "${TUNE_S:-90}"
+  fi
   # N = 100 in both modes (the side-by-side ratio), then the fast path up the sizes until
   # the step's budget would be overrun (bench_edit.py --budget-s extrapolates).
   # Target chunks sized for about 50 GB of saved activations (the engine halves a chunk
@@ -178,12 +234,12 @@ else
       --published-max-n 100 --stats-samples 1000 --stats-max-length 256 \
       --target-chunk "$chunk" --key-chunk 256 --budget-s 70
   done
-  bench bench_stats.py 40 --model llama-2-7b --device cuda --samples 1000 --max-length 256 \
-    --batch-size 16
-  bench_nomd bench_covariance.py 35 --device cuda
-  bench_nomd bench_update.py 40 --device cuda
-  bench_nomd bench_linalg.py 45 --device cuda
+  if [ -n "${STATS_MODEL-llama-2-7b}" ]; then
+    bench bench_stats.py 40 --model "${STATS_MODEL-llama-2-7b}" --device cuda --samples 1000 \
+      --max-length 256 --batch-size 16
+  fi
 fi
+wait_build
 
 # 4. Plots from every CSV in the results folder.
 step "plot" 60 "$PYTHON" benchmarks/plot.py --results "$RESULTS" --out "$RESULTS"

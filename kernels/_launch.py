@@ -5,7 +5,7 @@ them. The ahead-of-time build (``aot.py``) compiles the same plans for a ``GPUTa
 instead, so the block configurations that CI compiles are the ones the launchers use: the
 config tables in the op files are the single source of truth for both.
 
-No Triton import here: this module is imported by the AOT helper and the launchers only.
+No Triton import at load time: imported by the AOT helper and the launchers only.
 """
 
 from __future__ import annotations
@@ -71,7 +71,19 @@ def fp32_dot_precision(device: torch.device) -> str:
     TF32 ones do. The interpreter (CPU tensors) knows no ``bf16x6`` and computes every dot in
     IEEE fp32 anyway: ``ieee`` there.
     """
-    return "ieee" if device.type == "cpu" else "bf16x6"
+    if device.type == "cpu":
+        return "ieee"
+    return "bf16x6" if "bf16x6" in _cuda_dot_precisions() else "tf32x3"
+
+
+def _cuda_dot_precisions() -> tuple[str, ...]:
+    """The ``tl.dot`` input precisions the installed Triton's CUDA backend accepts (older
+    releases lack ``bf16x6``; ``tf32x3``, the 3-pass TF32 split, is then the closest)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return ("bf16x6",)
+    return tuple(CUDAOptions.__dataclass_fields__["allowed_dot_input_precisions"].default)
 
 
 def torch_to_triton_dtype(dtype: torch.dtype) -> str:
