@@ -11,6 +11,8 @@ On CUDA it first checks the kernel's lower triangle against ``torch_covariance_a
 - ``triton`` / ``triton-masked``: ``triton_covariance_accumulate`` (lower triangle of
   tiles; the mask keeps about 90 % of the rows, as padding does);
 - ``torch-reference``: ``torch_covariance_accumulate`` (fp32 cast + ``addmm``);
+- ``gemm-panels-P[-masked]``: ``gemm_covariance_accumulate``, cuBLAS GEMMs on row panels
+  of width ``P`` of the lower triangle, 16-bit operands with fp32 output (16-bit keys);
 - ``dense-gemm``: ``torch.mm(X^T, X)`` in ``X``'s dtype, the device's measured dense GEMM
   rate, the yardstick of the acceptance target (kernel >= 60 % of it, symmetric flops
   counted once).
@@ -32,6 +34,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from memit_fast.kernels import covariance_finalize, torch_covariance_accumulate  # noqa: E402
+from memit_fast.kernels.covariance_gemm import (  # noqa: E402
+    gemm_covariance_accumulate,
+    mm_has_out_dtype,
+)
 
 from benchmarks.harness import (  # noqa: E402
     DTYPES,
@@ -135,9 +141,38 @@ def run(args) -> list[dict[str, object]]:
         kept = int(mask.sum())
         add("triton", lambda: triton_covariance_accumulate(C, X, None), sym_flops)
         add("triton-masked", lambda: triton_covariance_accumulate(C, X, mask), kept * d * (d + 1))
+        variants = ["triton", "triton-masked", "torch-reference"]
+        if X.dtype != torch.float32 and (device.type != "cuda" or mm_has_out_dtype("cuda")):
+            # cuBLAS row panels (16-bit operands, fp32 output), validated like the kernel.
+            for panel in args.panels:
+                for m, name in (
+                    (None, f"gemm-panels-{panel}"),
+                    (mask, f"gemm-panels-{panel}-masked"),
+                ):
+                    Ck.zero_()
+                    Cref.zero_()
+                    gemm_covariance_accumulate(Ck, X, m, panel=panel)
+                    torch_covariance_accumulate(Cref, X, m)
+                    rel = validate(Ck, Cref, X, m)
+                    rows.append(
+                        make_row(
+                            variant=name,
+                            metric="validation_max_rel_err",
+                            value=rel,
+                            unit="",
+                            **common,
+                        )
+                    )
+                    flops = sym_flops if m is None else kept * d * (d + 1)
+                    add(
+                        name,
+                        lambda m=m, p=panel: gemm_covariance_accumulate(C, X, m, panel=p),
+                        flops,
+                    )
+                    variants.append(name)
         add("dense-gemm", lambda: torch.mm(X.T, X), 2.0 * t * d * d)
         gemm = timings["dense-gemm"][1]
-        for variant in ("triton", "triton-masked", "torch-reference"):
+        for variant in variants:
             frac = timings[variant][1] / gemm
             rows.append(
                 make_row(
@@ -156,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="small sizes (always on CPU)")
     ap.add_argument("--small-d", type=int, default=512)
     ap.add_argument("--small-t", type=int, default=2048)
+    ap.add_argument(
+        "--panels",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1024, 2048, 4096],
+        help="row-panel widths of the cuBLAS variant",
+    )
     add_output_args(ap, "covariance", kernels="kernel")
     args = parse_kernel_args(ap, argv)
     return report(args, run(args))

@@ -42,9 +42,13 @@ def synthetic_stats(dk: int, device: torch.device, seed: int = 0) -> torch.Tenso
     """``(dk, dk)`` fp32 second moment of keys whose scales decay over 2.5 decades (a
     condition number of about 1e5, like the statistics of small real models)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    X = torch.randn(dk, dk, generator=g).to(device)
-    X *= torch.logspace(0, -2.5, dk, device=device)
-    return (X @ X.T) / dk + 1e-7 * torch.eye(dk, device=device)
+    X = torch.randn(dk, dk, generator=g).to(device, torch.float64)
+    X *= torch.logspace(0, -2.5, dk, device=device, dtype=torch.float64)
+    # Formed in float64 and rounded once: a float32 product over dk = 16384 terms (GPU
+    # reduction order) errs by more than the smallest eigenvalues and can leave C indefinite.
+    C = (X @ X.T) / dk
+    C.diagonal().add_(1e-7)
+    return C.to(torch.float32)
 
 
 def keys(dk: int, n: int, C: torch.Tensor, seed: int = 1) -> torch.Tensor:

@@ -12,6 +12,8 @@ Given ``L`` (fp32 lower Cholesky factor of ``A = lambda C + K K^T``), ``K (dk, n
   add, the dense update materialized in fp32;
 - ``fused-triton[-bB]``: ``triton_fused_solve_update``, blocked triangular solves on Triton
   bf16x6 GEMMs (diagonal block width ``B``), then the Triton rank-n update;
+- ``fused-triton-bB-bf16x3`` (and ``lowrank-triton-bf16x3``): the same with the 3-pass
+  split (``--precisions``), half the tensor-core work, products good to about 2^-16;
 - ``fused-cublas``: the same blocked solve with fp32 cuBLAS GEMMs (``addmm``), then the
   Triton rank-n update.
 
@@ -195,18 +197,41 @@ def run(args) -> list[dict[str, object]]:
             "lowrank-torch",
             update_bytes,
         )
-        variants = [(f"fused-triton-b{b}", "triton", b) for b in args.solve_blocks]
-        variants.append(("fused-cublas", "cublas", None))
-        for variant, backend, block in variants:
+        if "bf16x3" in args.precisions and device.type == "cuda":
+            from memit_fast.kernels.update import lowrank_operands, plan_lowrank_update
+
+            def lowrank_bf16x3():
+                Wm, P, Q = lowrank_operands(W, R, U32, False)
+                for launch in plan_lowrank_update(Wm, P, Q, precision="bf16x3"):
+                    launch.run()
+
             W.copy_(W0)
-            triton_fused_solve_update(W, L, K, R, False, solve_block=block, gemm_backend=backend)
+            lowrank_bf16x3()
+            check("lowrank-triton-bf16x3", W, "lowrank-torch")
+            add(
+                "lowrank-triton-bf16x3",
+                lowrank_bf16x3,
+                update_flops,
+                "lowrank-torch",
+                update_bytes,
+            )
+        variants = []
+        for p in args.precisions:
+            suffix = "" if p == "bf16x6" else f"-{p}"
+            variants += [(f"fused-triton-b{b}{suffix}", "triton", b, p) for b in args.solve_blocks]
+        variants.append(("fused-cublas", "cublas", None, None))
+        for variant, backend, block, prec in variants:
+            W.copy_(W0)
+            triton_fused_solve_update(
+                W, L, K, R, False, solve_block=block, gemm_backend=backend, precision=prec
+            )
             # The blocked solve's inverted diagonal blocks cost a few times fp32 substitution's
             # error (kernels/README.md): 8x, as in the tests.
             check(variant, W, "torch-chain", factor=8.0)
 
-            def fn(backend=backend, block=block):
+            def fn(backend=backend, block=block, prec=prec):
                 triton_fused_solve_update(
-                    W, L, K, R, False, solve_block=block, gemm_backend=backend
+                    W, L, K, R, False, solve_block=block, gemm_backend=backend, precision=prec
                 )
 
             add(variant, fn, solve_flops + update_flops, "torch-chain")
@@ -224,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument(
         "--solve-blocks", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 1024]
+    )
+    ap.add_argument(
+        "--precisions",
+        type=lambda v: v.split(","),
+        default=["bf16x6", "bf16x3"],
+        help="tl.dot precisions of the fused variants' fp32 GEMMs (GPU)",
     )
     ap.add_argument("--small", action="store_true", help="small sizes (always on CPU)")
     ap.add_argument("--small-dk", type=int, default=512)

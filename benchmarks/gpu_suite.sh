@@ -17,6 +17,7 @@
 #                   transports that bring back few files); suite.md and suite.log stay loose
 #
 # Environment: PYTHON (default python3), MAX_JOBS (extension build, default 12),
+# EDIT_MODES (bench_edit.py --modes, default fast,published),
 # TRITON_TESTS / EXT_TESTS (test files before / after the build), TUNE_S (seconds of the
 # kernel config sweep, 0 skips it), EDIT_MODELS (default "llama-2-7b gpt-j-6b gpt2-xl";
 # empty skips), STATS_MODEL (default llama-2-7b; empty skips).
@@ -195,7 +196,7 @@ if [ $DRY = 0 ] || [ $WITH_TESTS = 1 ]; then
 fi
 
 # 3. Benchmarks: the edit end to end first (the product's claim), then its parts.
-EDIT_MODELS=${EDIT_MODELS:-"llama-2-7b gpt-j-6b gpt2-xl"}
+EDIT_MODELS=${EDIT_MODELS-"llama-2-7b gpt-j-6b gpt2-xl"}
 if [ $DRY = 1 ]; then
   # Miniatures of every architecture (one process), a few requests and steps, one thread.
   models=$(echo $EDIT_MODELS | tr ' ' ',')
@@ -215,7 +216,8 @@ else
   bench_nomd bench_covariance.py 45 --device cuda
   bench_nomd bench_update.py 60 --device cuda
   wait_build
-  run_tests "gpu tests extension and engine" 120 $EXT_TESTS
+  # One step per file: a fatal error in one names its file and spares the others.
+  for f in $EXT_TESTS; do run_tests "gpu tests $(basename "$f" .py)" 90 "$f"; done
   # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).
   bench_nomd bench_linalg.py 90 --device cuda --dk "${LINALG_DK:-16384}" \
     --n "${LINALG_N:-100,10000}"
@@ -231,7 +233,7 @@ else
     chunk=64
     [ "$m" = gpt2-xl ] && { n="100,1000,10000,100000"; chunk=128; }
     bench bench_edit.py 80 --model "$m" --device cuda --dtype bfloat16 --n "$n" \
-      --published-max-n 100 --stats-samples 1000 --stats-max-length 256 \
+      --modes "${EDIT_MODES:-fast,published}" --published-max-n 100 --stats-samples 1000 --stats-max-length 256 \
       --target-chunk "$chunk" --key-chunk 256 --budget-s 70
   done
   if [ -n "${STATS_MODEL-llama-2-7b}" ]; then
@@ -254,10 +256,11 @@ step "plot" 60 "$PYTHON" benchmarks/plot.py --results "$RESULTS" --out "$RESULTS
 rm -f "$STEPS" "$STEP_OUT"
 
 if [ $PACK = 1 ]; then
-  (cd "$RESULTS" && tar czf gpu_suite_results.tar.gz --exclude gpu_suite_results.tar.gz \
-    --exclude suite.md --exclude suite.log . && \
-    find . -maxdepth 1 -type f ! -name gpu_suite_results.tar.gz ! -name suite.md \
-      ! -name suite.log -delete)
+  # Written beside the folder, then moved in (tar refuses a folder that grows as it reads).
+  PACKED=$(mktemp -d)/gpu_suite_results.tar.gz
+  (cd "$RESULTS" && tar czf "$PACKED" --exclude suite.md --exclude suite.log . && \
+    find . -maxdepth 1 -type f ! -name suite.md ! -name suite.log -delete && \
+    mv "$PACKED" gpu_suite_results.tar.gz)
 fi
 
 echo "results in $RESULTS ($(( $(date +%s) - START ))s)"

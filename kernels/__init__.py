@@ -74,16 +74,32 @@ def covariance_accumulate(
     ``mask (t,)`` keeps (bool, or nonzero). Accumulated in fp32, no host synchronization.
     A float64 ``C`` is accumulated in float64 by the reference, on every device.
 
-    The Triton path writes only the lower triangle (and the diagonal tiles): call
+    16-bit keys on CUDA go to cuBLAS row panels with fp32 output (``covariance_gemm.py``)
+    where torch has ``mm(..., out_dtype=)``, fp32 keys to the Triton kernel.
+    Both write only the lower triangle (and the diagonal blocks): call
     ``covariance_finalize(C)`` once after the last batch; it leaves the reference's full
     matrix correct too, so the two paths may be mixed within one pass.
     """
     if C.dtype == torch.float32 and X.dtype in _KERNEL_DTYPES and uses_triton(C, X):
+        if X.dtype != torch.float32 and _gemm_panels(X.device):
+            from .covariance_gemm import gemm_covariance_accumulate
+
+            gemm_covariance_accumulate(C, X, mask)
+            return
         from .covariance import triton_covariance_accumulate
 
         triton_covariance_accumulate(C, X, mask)
     else:
         torch_covariance_accumulate(C, X, mask)
+
+
+def _gemm_panels(device: torch.device) -> bool:
+    """16-bit keys on CUDA go to cuBLAS row panels (``covariance_gemm.py``) where
+    ``torch.mm`` has ``out_dtype``: measured faster than the Triton kernel on an H200
+    (``benchmarks/results/``, ``bench_covariance.py``)."""
+    from .covariance_gemm import mm_has_out_dtype
+
+    return mm_has_out_dtype(device.type)
 
 
 def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:

@@ -50,6 +50,8 @@ SOLVE_GEMM_CONFIGS: dict[int, KernelConfig] = {
 }
 # Width of the diagonal blocks of the blocked triangular solve.
 SOLVE_BLOCK = 512
+# ``tl.dot`` input precisions the fused solve/update accepts for its fp32 GEMMs.
+PRECISIONS = ("bf16x6", "bf16x3", "tf32x3", "ieee")
 
 _OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -202,9 +204,10 @@ def plan_lowrank_update(
     *,
     arch: int | None = None,
     config: KernelConfig | None = None,
+    precision: str | None = None,
 ) -> list[Launch]:
     """The launch of ``W (M, N) += P (M, n) Q (N, n)^T`` (operands from
-    ``lowrank_operands``)."""
+    ``lowrank_operands``); ``precision`` overrides ``update_precision`` for fp32 operands."""
     if arch is None:
         arch = arch_of(W.device)
     kind = "fp32" if P.dtype == torch.float32 else "16bit"
@@ -217,7 +220,9 @@ def plan_lowrank_update(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP=cfg.group,
-        PRECISION=update_precision(W.dtype, P.dtype, W.device),
+        PRECISION=update_precision(W.dtype, P.dtype, W.device)
+        if precision is None or P.dtype != torch.float32 or W.device.type == "cpu"
+        else precision,
     )
     return [
         Launch(
@@ -261,7 +266,7 @@ class GemmStep:
         else:
             torch.mm(self.A, self.B, out=self.C)
 
-    def launch(self, cfg: KernelConfig) -> Launch:
+    def launch(self, cfg: KernelConfig, precision: str | None = None) -> Launch:
         (M, K), N = self.A.shape, self.B.shape[1]
         args = (
             self.C,
@@ -282,7 +287,9 @@ class GemmStep:
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
             GROUP=cfg.group,
-            PRECISION=fp32_dot_precision(self.C.device),
+            PRECISION=fp32_dot_precision(self.C.device)
+            if precision is None or self.C.device.type == "cpu"
+            else precision,
         )
         return Launch(
             _gemm_kernel, _grid_2d(M, N, cfg), args, constexprs, cfg.num_warps, cfg.num_stages
@@ -349,6 +356,7 @@ def plan_fused_solve_update(
     *,
     arch: int | None = None,
     solve_block: int | None = None,
+    precision: str | None = None,
 ) -> list[Launch]:
     """Every launch of ``triton_fused_solve_update``, in order (workspaces allocated here,
     on ``W.device``; the diagonal-block inverses computed here)."""
@@ -356,9 +364,9 @@ def plan_fused_solve_update(
         arch = arch_of(W.device)
     steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
     cfg = SOLVE_GEMM_CONFIGS[arch]
-    launches = [st.launch(cfg) for st in steps]
+    launches = [st.launch(cfg, precision) for st in steps]
     Wm, P, Q = lowrank_operands(W, R.to(torch.float32), Y, transposed)
-    return launches + plan_lowrank_update(Wm, P, Q, arch=arch)
+    return launches + plan_lowrank_update(Wm, P, Q, arch=arch, precision=precision)
 
 
 def triton_fused_solve_update(
@@ -370,6 +378,7 @@ def triton_fused_solve_update(
     *,
     solve_block: int | None = None,
     gemm_backend: str = "triton",
+    precision: str | None = None,
 ) -> None:
     """``W += R (A^-1 K)^T`` with ``A = L L^T``, without forming ``A^-1`` or the dense update.
 
@@ -378,10 +387,17 @@ def triton_fused_solve_update(
     ``W`` as in ``triton_lowrank_update``. Workspace: two ``(dk, n)`` fp32 buffers.
     ``gemm_backend``: ``"triton"`` (bf16x6 tensor-core GEMMs) or ``"cublas"`` (fp32
     ``addmm``) for the GEMMs of the solve; the final update is always the Triton kernel.
+    ``precision``: the ``tl.dot`` input precision of the fp32 GEMMs on the GPU (default
+    ``fp32_dot_precision``, the 6-pass ``bf16x6``; ``bf16x3`` halves the tensor-core work
+    for products good to about 2^-16 relative; the interpreter always computes IEEE fp32).
     """
     check_solve_args(W, L, K, R, transposed)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if gemm_backend == "triton":
-        for launch in plan_fused_solve_update(W, L, K, R, transposed, solve_block=solve_block):
+        for launch in plan_fused_solve_update(
+            W, L, K, R, transposed, solve_block=solve_block, precision=precision
+        ):
             launch.run()
         return
     if gemm_backend != "cublas":

@@ -456,7 +456,8 @@ def _groups(
         else:
             g.append(i)
     if min_rows > 1 and len(groups) > 1 and sum(rows[j] for j in groups[-1]) < min_rows:
-        groups[-2] += groups.pop()
+        last = groups.pop()  # (``groups[-2] += groups.pop()`` would index after the pop)
+        groups[-1] += last
     return [(g, True, False) for g in groups] + [(list(range(n)), False, True)]
 
 
