@@ -14,6 +14,8 @@ Given ``L`` (fp32 lower Cholesky factor of ``A = lambda C + K K^T``), ``K (dk, n
   bf16x6 GEMMs (diagonal block width ``B``), then the Triton rank-n update;
 - ``fused-triton-bB-bf16x3`` (and ``lowrank-triton-bf16x3``): the same with the 3-pass
   split (``--precisions``), half the tensor-core work, products good to about 2^-16;
+- ``fused-cublas-split-bB``: the same blocked solve and the update, each GEMM one cuBLAS
+  bf16 GEMM over the six split products (the arithmetic of ``bf16x6``);
 - ``fused-cublas``: the same blocked solve with fp32 cuBLAS GEMMs (``addmm``), then the
   Triton rank-n update.
 
@@ -220,6 +222,9 @@ def run(args) -> list[dict[str, object]]:
             suffix = "" if p == "bf16x6" else f"-{p}"
             variants += [(f"fused-triton-b{b}{suffix}", "triton", b, p) for b in args.solve_blocks]
         variants.append(("fused-cublas", "cublas", None, None))
+        variants += [
+            (f"fused-cublas-split-b{b}", "cublas-split", b, None) for b in args.solve_blocks
+        ]
         for variant, backend, block, prec in variants:
             W.copy_(W0)
             triton_fused_solve_update(

@@ -17,6 +17,8 @@
 #                   transports that bring back few files); suite.md and suite.log stay loose
 #
 # Environment: PYTHON (default python3), MAX_JOBS (extension build, default 12),
+# KERNEL_BENCHES (default "covariance update"), UPDATE_ARGS (extra bench_update.py options),
+# PYTEST_ARGS (extra pytest options of the test steps),
 # EDIT_MODES (bench_edit.py --modes, default fast,published),
 # TRITON_TESTS / EXT_TESTS (test files before / after the build), TUNE_S (seconds of the
 # kernel config sweep, 0 skips it), EDIT_MODELS (default "llama-2-7b gpt-j-6b gpt2-xl";
@@ -182,7 +184,7 @@ run_tests() {  # run_tests NAME LIMIT FILES... : the files that exist, one pytes
   local files=()
   for f in "$@"; do [ -f "$f" ] && files+=("$f"); done
   [ ${#files[@]} -eq 0 ] && return 0
-  step "$name" "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider "${files[@]}" \
+  step "$name" "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} "${files[@]}" \
     --junitxml="$RESULTS/$(echo "$name" | tr ' ' '_').xml"
 }
 
@@ -213,9 +215,13 @@ if [ $DRY = 1 ]; then
   fi
 else
   # The kernels (no extension needed), then the extension and the engine end to end.
-  bench_nomd bench_covariance.py 45 --device cuda
-  bench_nomd bench_update.py 60 --device cuda
+  case " ${KERNEL_BENCHES-covariance update} " in *" covariance "*)
+    bench_nomd bench_covariance.py 45 --device cuda ;; esac
+  case " ${KERNEL_BENCHES-covariance update} " in *" update "*)
+    bench_nomd bench_update.py 60 --device cuda ${UPDATE_ARGS:-} ;; esac
   wait_build
+  # A C++ error of the extension must arrive as a Python exception (some toolchains crash).
+  bench_nomd check_ext_exceptions.py 60
   # One step per file: a fatal error in one names its file and spares the others.
   for f in $EXT_TESTS; do run_tests "gpu tests $(basename "$f" .py)" 90 "$f"; done
   # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).

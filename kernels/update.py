@@ -386,7 +386,9 @@ def triton_fused_solve_update(
     rounded to fp32: this is the low-precision option); ``K (dk, n)``; ``R (dh, n)``;
     ``W`` as in ``triton_lowrank_update``. Workspace: two ``(dk, n)`` fp32 buffers.
     ``gemm_backend``: ``"triton"`` (bf16x6 tensor-core GEMMs) or ``"cublas"`` (fp32
-    ``addmm``) for the GEMMs of the solve; the final update is always the Triton kernel.
+    ``addmm``) for the GEMMs of the solve, the final update then the Triton kernel; or
+    ``"cublas-split"``: every GEMM, the final update included, as one cuBLAS bf16 GEMM over
+    the six split products (``update_gemm.py``; the arithmetic of ``bf16x6``).
     ``precision``: the ``tl.dot`` input precision of the fp32 GEMMs on the GPU (default
     ``fp32_dot_precision``, the 6-pass ``bf16x6``; ``bf16x3`` halves the tensor-core work
     for products good to about 2^-16 relative; the interpreter always computes IEEE fp32).
@@ -400,8 +402,18 @@ def triton_fused_solve_update(
         ):
             launch.run()
         return
+    if gemm_backend == "cublas-split":
+        from .update_gemm import run_split_step, split_lowrank_update
+
+        steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
+        for st in steps:
+            run_split_step(st)
+        split_lowrank_update(W, R, Y, transposed)
+        return
     if gemm_backend != "cublas":
-        raise ValueError(f"gemm_backend must be 'triton' or 'cublas', got {gemm_backend!r}")
+        raise ValueError(
+            f"gemm_backend must be 'triton', 'cublas' or 'cublas-split', got {gemm_backend!r}"
+        )
     steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
     for st in steps:
         st.run_cublas()

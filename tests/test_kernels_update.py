@@ -148,6 +148,50 @@ def test_fused_solve_update_matches_reference(w_dtype, dk, n, solve_block, trans
         assert_verbose_allclose(W.cpu(), exact, rtol=2 * u, atol=1e-4, extra_info=info)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("solve_block", [None, 32])
+@pytest.mark.parametrize("n", [1, 64])
+@pytest.mark.parametrize("dk", [1, 7, 129])
+@pytest.mark.parametrize("w_dtype", W_DTYPES)
+def test_split_cublas_backend_matches_reference(w_dtype, dk, n, solve_block, transposed):
+    """gemm_backend="cublas-split": every product one bf16 GEMM over six split products."""
+    dh = 7
+    L, K, R = make_system(dk, n, dh, seed=dk * 100 + n)
+    g = torch.Generator().manual_seed(1)
+    W0 = (torch.randn(w_shape(dh, dk, transposed), generator=g) / 64).to(w_dtype)
+    info = f"split W {w_dtype} dk={dk} n={n} block={solve_block} transposed={transposed}: "
+    W, buf, pad = fill_guarded(W0.shape, w_dtype, W0, DEVICE)
+    Lf, Kf, Rf = (x.to(torch.float32).to(DEVICE) for x in (L, K, R))
+    triton_fused_solve_update(
+        W, Lf, Kf, Rf, transposed, solve_block=solve_block, gemm_backend="cublas-split"
+    )
+    assert_guards_intact(buf, pad)
+    exact = exact_update(W0, R, torch.cholesky_solve(K, L), transposed)
+    Wref = W0.clone().to(DEVICE)
+    torch_fused_solve_update(Wref, Lf, Kf, Rf, transposed)
+    if w_dtype == torch.float32:
+        assert_error_within(
+            W.cpu(), exact, Wref.cpu(), factor=8.0, floor=64 * EPS32, extra_info=info
+        )
+    else:
+        u = UNIT_ROUNDOFF[w_dtype]
+        assert_verbose_allclose(W.cpu(), exact, rtol=2 * u, atol=1e-4, extra_info=info)
+
+
+def test_split3_recovers_fp32():
+    from memit_fast.kernels.update_gemm import split3, split_mm
+
+    x = torch.randn(64, 33, generator=torch.Generator().manual_seed(0)) * 1e3
+    hi, mid, lo = split3(x)
+    assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
+    back = hi.double() + mid.double() + lo.double()
+    assert ((back - x.double()).abs() <= 2.0**-23 * x.double().abs()).all()
+    y = torch.randn(33, 17, generator=torch.Generator().manual_seed(1))
+    exact = x.double() @ y.double()
+    err = (split_mm(x, y).double() - exact).norm() / exact.norm()
+    assert err < 1e-6, float(err)
+
+
 def test_fused_solve_update_d1000_float64_factor():
     """dk = 1000 (two blocks of the default width, the second partial); L in float64 (the
     diagonal blocks are inverted from it, the GEMMs read it as fp32); cuBLAS GEMM backend

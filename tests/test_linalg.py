@@ -9,7 +9,6 @@ the key statistics of a tiny GPT-2 run over WikiText-2.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from memit_fast import _ext
 from memit_fast import linalg as la
+from memit_fast.stats import default_corpus_path
 
 HAS_EXT = _ext.has_kernel("cholesky", "cpu")
 PATHS = [
@@ -28,7 +28,9 @@ PATHS = [
 ]
 SIZES = [1, 7, 257, 1000]
 CONDS = [1e2, 1e4, 1e6, 1e8]
-WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
+# The packaged copy of WikiText-2's validation text (the same bytes as shared/data's; it
+# travels with the package, so the tests also run where shared/ is absent).
+WIKITEXT_VALID = str(default_corpus_path())
 
 
 @functools.cache
@@ -58,7 +60,7 @@ def tiny_model_stats(dk: int = 256, n_keys: int = 48) -> tuple[torch.Tensor, tor
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     model = GPT2LMHeadModel(cfg).eval()
-    path = os.path.join(WIKITEXT, "valid.txt")
+    path = WIKITEXT_VALID
     with open(path, "rb") as f:
         data = torch.tensor(list(f.read(48 * 1024)), dtype=torch.long)
     ids = data[: (data.numel() // 128) * 128].view(-1, 128)
@@ -363,7 +365,7 @@ def world_model_stats() -> tuple[torch.Tensor, torch.Tensor]:
     from memit_fast.testing import load_world
 
     model, tok, _ = load_world()
-    with open(os.path.join(WIKITEXT, "valid.txt")) as f:
+    with open(WIKITEXT_VALID) as f:
         ids = tok(f.read(100_000), return_tensors="pt").input_ids[0]
     T = model.config.n_positions
     ids = ids[: (ids.numel() // T) * T].view(-1, T)[:48]
