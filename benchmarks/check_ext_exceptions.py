@@ -87,6 +87,14 @@ VARIANTS = {
     "dwarf4": ("", f"{_PY} -O3 -std=c++20 -gdwarf-4", "-Wl,-O1 -Wl,-Bsymbolic-functions"),
     "static_libgcc": ("", f"{_PY} -O3 -std=c++20", "-static-libgcc"),
     "usr_bin_gxx": ("/usr/bin/g++", f"{_PY} -O3 -std=c++20", "-Wl,-O1 -Wl,-Bsymbolic-functions"),
+    # The compiler wrapper that built the extension on the lent GPU machine's image.
+    "opt_gcc_wrapper": (
+        "/opt/gcc/bin/g++",
+        f"{_PY} -O3 -std=c++20",
+        "-Wl,-O1 -Wl,-Bsymbolic-functions",
+    ),
+    # Whatever CXX the environment names (what setuptools and ninja use), if set.
+    "env_cxx": (os.environ.get("CXX", ""), f"{_PY} -O3 -std=c++20", "-Wl,-O1"),
 }
 
 
@@ -129,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="ext_throw_")
     for name in args.variants.split(","):
         cxx, cflags, ldflags = VARIANTS[name]
-        if cxx and not os.path.exists(cxx):
+        if name == "env_cxx" and not cxx:
+            print("tiny env_cxx: skipped (CXX is not set)")
+            continue
+        if cxx and not shutil.which(cxx):
             print(f"tiny {name}: skipped ({cxx} not found)")
             continue
         lib = f"throwcheck_{name}"
