@@ -358,6 +358,30 @@ def test_memit_solve_matches_reference(use_ext):
     assert rel(U64, la.torch_memit_solve(C, K, 1e3)) <= 1e-12
 
 
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("cond,chosen", [(1e2, "fp32"), (1e7, "fp64")])
+def test_auto_solve_tries_candidates_on_a_probe_first(use_ext, cond, chosen, monkeypatch):
+    """``auto`` with a wide right-hand side: each candidate precision is refined on a few
+    probe columns; only the chosen one solves all the columns, to float64 accuracy."""
+    n, m = 200, 64
+    C, K = spd(n, cond), rhs(n, m, scale=1e-3)
+    monkeypatch.setattr(la, "candidate_precisions", lambda device: ("fp32", "fp64"))
+    widths = []
+    real = la.cholesky_solve
+
+    def spy(L, B, *a, **kw):
+        widths.append((str(L.dtype), B.shape[-1]))
+        return real(L, B, *a, **kw)
+
+    monkeypatch.setattr(la, "cholesky_solve", spy)
+    U = la.memit_solve(C, K, 1.0, use_ext=use_ext)
+    # float64 accuracy: float64 LU's own error grows with the condition number.
+    assert rel(U, la.torch_memit_solve(C, K, 1.0)) <= max(1e-10, 1e-15 * cond)
+    wide = [dt for dt, w in widths if w == m]
+    assert wide == ["torch.float32" if chosen == "fp32" else "torch.float64"], widths
+    assert ("torch.float32", la.PROBE_COLUMNS) in widths
+
+
 @functools.cache
 def world_model_stats() -> tuple[torch.Tensor, torch.Tensor]:
     """Key statistics of block 1 of the committed tiny trained GPT-2 (memit_fast.testing's
