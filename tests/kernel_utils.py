@@ -117,3 +117,18 @@ def assert_guards_intact(buf: torch.Tensor, pad: int) -> None:
     head, tail = buf[:pad], buf[buf.numel() - pad :]
     if not (torch.isnan(head).all() and torch.isnan(tail).all()):
         raise AssertionError("kernel wrote outside its output tensor (guard elements changed)")
+
+
+def spy_calls(monkeypatch, targets) -> list[str]:
+    """Replace each ``(module, name)`` of ``targets`` by a wrapper that records ``name`` and
+    still calls the original; returns the list of recorded names, in call order."""
+    seen: list[str] = []
+    for mod, name in targets:
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            seen.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(mod, name, spy)
+    return seen

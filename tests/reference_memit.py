@@ -213,3 +213,22 @@ def ref_memit(
             W += (dW.T if transposed else dW).to(W.dtype)
         dws[l] = dW
     return Z.T.float(), taken, dws
+
+
+def ref_memit_config(model, tok, requests, templates, cfg, stats):
+    """``ref_memit`` with the MEMIT settings of an ``EditConfig`` ``cfg``."""
+    return ref_memit(
+        model,
+        tok,
+        requests,
+        templates,
+        cfg.layers,
+        stats,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        clamp=cfg.clamp_norm_factor,
+        wd=cfg.weight_decay,
+        kl_factor=cfg.kl_factor,
+        stop_loss=cfg.early_stop_loss,
+        lam=cfg.mom2_update_weight,
+    )

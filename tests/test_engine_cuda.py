@@ -14,7 +14,8 @@ import os
 import memit_fast.kernels as K
 import pytest
 import torch
-from reference_memit import ref_memit, ref_stats
+from kernel_utils import spy_calls
+from reference_memit import ref_memit_config, ref_stats
 from tiny import (
     CORPUS,
     REQUESTS,
@@ -46,22 +47,13 @@ def rel(a, b):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Names of the implementations the dispatchers reached (each still runs)."""
-    seen: list[str] = []
-    import memit_fast.kernels.covariance as cov
-    import memit_fast.kernels.update as upd
-
     targets = [(K, "torch_covariance_accumulate"), (K, "torch_lowrank_update")]
     if K.triton_available():
+        import memit_fast.kernels.covariance as cov
+        import memit_fast.kernels.update as upd
+
         targets += [(cov, "triton_covariance_accumulate"), (upd, "triton_lowrank_update")]
-    for mod, name in targets:
-        real = getattr(mod, name)
-
-        def spy(*a, _real=real, _name=name, **kw):
-            seen.append(_name)
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(mod, name, spy)
-    return seen
+    return spy_calls(monkeypatch, targets)
 
 
 @pytest.mark.parametrize("make", [make_gpt2, make_llama], ids=["gpt2", "llama"])
@@ -78,21 +70,7 @@ def test_engine_on_device_matches_the_cpu_reference(make, kernel_calls):
         assert stats[l].mom2.device.type == DEVICE
         assert rel(stats[l].mom2, ref_c[l]) < 1e-5, l
     res = ed.apply(REQUESTS)
-    Z_ref, steps_ref, dws_ref = ref_memit(
-        model_ref,
-        tok,
-        REQUESTS,
-        TEMPLATES,
-        cfg.layers,
-        ref_c,
-        steps=cfg.steps,
-        lr=cfg.lr,
-        clamp=cfg.clamp_norm_factor,
-        wd=cfg.weight_decay,
-        kl_factor=cfg.kl_factor,
-        stop_loss=cfg.early_stop_loss,
-        lam=cfg.mom2_update_weight,
-    )
+    Z_ref, steps_ref, dws_ref = ref_memit_config(model_ref, tok, REQUESTS, TEMPLATES, cfg, ref_c)
     assert res.targets.steps.tolist() == steps_ref
     # fp32 on the device (other reduction orders, the kernels' bf16x6 products) against a
     # float64 reference: 8 Adam steps amplify rounding a little, hence 1e-3, not 1e-4.

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from reference_memit import ref_memit, ref_stats
+from reference_memit import ref_memit_config, ref_stats
 from tiny import CORPUS, REQUESTS, TEMPLATES, make_gpt2, make_llama, make_tokenizer
 from tiny import exact_config as config
 
@@ -30,21 +30,7 @@ def test_engine_matches_reference(make):
     for l in cfg.layers:
         assert rel(stats[l].mom2, ref_c[l]) < 1e-5
     res = ed.apply(REQUESTS)
-    Z_ref, steps_ref, dws_ref = ref_memit(
-        model_ref,
-        tok,
-        REQUESTS,
-        TEMPLATES,
-        cfg.layers,
-        ref_c,
-        steps=cfg.steps,
-        lr=cfg.lr,
-        clamp=cfg.clamp_norm_factor,
-        wd=cfg.weight_decay,
-        kl_factor=cfg.kl_factor,
-        stop_loss=cfg.early_stop_loss,
-        lam=cfg.mom2_update_weight,
-    )
+    Z_ref, steps_ref, dws_ref = ref_memit_config(model_ref, tok, REQUESTS, TEMPLATES, cfg, ref_c)
     assert res.targets.steps.tolist() == steps_ref
     assert rel(res.targets.z, Z_ref) <= 1e-4
     # Each request's target vector individually, too.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import memit_fast.kernels as K
 import pytest
 import torch
-from kernel_utils import assert_verbose_allclose
+from kernel_utils import assert_verbose_allclose, spy_calls
 from memit_fast.kernels import covariance_finalize
 from memit_fast.kernels.covariance_gemm import gemm_covariance_accumulate, mm_has_out_dtype
 from test_kernels_covariance import exact_result, make_inputs
@@ -64,15 +64,10 @@ def test_dispatch_sends_16bit_keys_to_the_panels(monkeypatch):
     import memit_fast.kernels.covariance as cov
     import memit_fast.kernels.covariance_gemm as cg
 
-    seen = []
-    for mod, name in ((cg, "gemm_covariance_accumulate"), (cov, "triton_covariance_accumulate")):
-        real = getattr(mod, name)
-
-        def spy(*a, _real=real, _name=name, **kw):
-            seen.append(_name)
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(mod, name, spy)
+    seen = spy_calls(
+        monkeypatch,
+        [(cg, "gemm_covariance_accumulate"), (cov, "triton_covariance_accumulate")],
+    )
     C = torch.zeros(64, 64, device="cuda")
     K.covariance_accumulate(C, torch.randn(32, 64, device="cuda", dtype=torch.bfloat16))
     K.covariance_accumulate(C, torch.randn(32, 64, device="cuda"))

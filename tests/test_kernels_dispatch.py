@@ -10,6 +10,7 @@ import sys
 import memit_fast.kernels as K
 import pytest
 import torch
+from kernel_utils import spy_calls
 
 from memit_fast import linalg
 
@@ -17,16 +18,8 @@ from memit_fast import linalg
 @pytest.fixture
 def calls(monkeypatch):
     """Record which implementation each dispatcher called (and still run it)."""
-    seen = []
-    for name in ("torch_covariance_accumulate", "torch_lowrank_update", "torch_fused_solve_update"):
-        real = getattr(K, name)
-
-        def spy(*a, _real=real, _name=name, **kw):
-            seen.append(_name)
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(K, name, spy)
-    return seen
+    names = ("torch_covariance_accumulate", "torch_lowrank_update", "torch_fused_solve_update")
+    return spy_calls(monkeypatch, [(K, name) for name in names])
 
 
 def test_public_names():
