@@ -522,7 +522,12 @@ class LayerSolver:
     def prefers_update(self, n: int) -> bool:
         """Whether adding ``n`` keys by an update is cheaper than refactoring: the update
         costs ``UPDATE_COST * 2 n dk^2``, a refactorization ``dk^3 / 3`` plus forming
-        ``A + K K^T`` (``2 n dk^2``)."""
+        ``A + K K^T`` (``2 n dk^2``). On CUDA, never: measured on an H200 at dk = 16384,
+        the update (a chain of small library calls per block) took 75.8 ms against 50.4 ms
+        for forming and refactoring at n = 100, and 310.6 against 146.2 ms at n = 10,000
+        (``benchmarks/results/gpu_h200.md``)."""
+        if self.A.device.type == "cuda":
+            return False
         dk = self.dk
         return UPDATE_COST * 2 * n * dk * dk < dk**3 / 3 + 2 * n * dk * dk
 
