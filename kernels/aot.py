@@ -219,6 +219,10 @@ def report(arch: int, size: str | None = None) -> list[dict[str, object]]:
                 target=f".target sm_{arch}" in ptx,
                 wgmma="wgmma.mma_async" in ptx,
                 mma_sync="mma.sync" in ptx,
+                # Operand loads as asynchronous copies (what num_stages pipelines), and an
+                # MMA group left in flight while the next one is issued.
+                cp_async="cp.async" in ptx,
+                mma_in_flight="wgmma.wait_group.sync.aligned 1" in ptx,
             )
         out.append(rec)
     return out

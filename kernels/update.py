@@ -68,8 +68,10 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
 
-# Sizes are bounds only and not specialized (fewer compiled variants); strides are.
-@triton.jit(do_not_specialize=["M", "N", "NK"])
+# Sizes are specialized (divisible by 16 or not), as in covariance.py: the masks along the
+# contiguous dimensions must hold across 16-element groups for vectorized, asynchronous
+# loads. The launchers pad the rank (columns of the operands) to a multiple of 16.
+@triton.jit
 def _lowrank_update_kernel(
     W_ptr,
     P_ptr,
@@ -111,7 +113,7 @@ def _lowrank_update_kernel(
     tl.store(w_ptrs, (w + acc).to(W_ptr.dtype.element_ty), mask=w_mask)
 
 
-@triton.jit(do_not_specialize=["M", "N", "K"])
+@triton.jit
 def _gemm_kernel(
     C_ptr,
     A_ptr,
@@ -190,6 +192,12 @@ def lowrank_operands(
     P, Q = (U, R) if transposed else (R, U)
     dtype = P.dtype if (P.dtype == Q.dtype and P.dtype in _OPERAND_DTYPES) else torch.float32
     P, Q = P.to(dtype), Q.to(dtype)
+    pad = _pad_columns(P.shape[1], P.device)
+    if pad:
+        # Zero columns add nothing to P Q^T; a rank that is a multiple of 16 (and rows
+        # of 16-multiple strides) lets Triton vectorize and pipeline the operand loads.
+        P = torch.nn.functional.pad(P, (0, pad))
+        Q = torch.nn.functional.pad(Q, (0, pad))
     if P.stride(1) != 1:
         P = P.contiguous()
     if Q.stride(1) != 1:
@@ -337,14 +345,25 @@ def solve_steps(
 def _solve_workspace(
     L: torch.Tensor, K: torch.Tensor, block: int
 ) -> tuple[list[GemmStep], torch.Tensor]:
-    """The solve's GEMM steps and the buffer that holds ``U = (L L^T)^-1 K`` after them."""
+    """The solve's GEMM steps and the buffer that holds ``U = (L L^T)^-1 K`` after them
+    (its first ``K.shape[1]`` columns; the rest are zero padding)."""
     if block < 1:
         raise ValueError(f"solve_block must be positive, got {block}")
     Linv = diagonal_block_inverses(L, block)  # from L as given (float64 stays float64)
     Lf = L if L.dtype == torch.float32 else L.to(torch.float32)
+    n = K.shape[1]
     Y = K.to(torch.float32, copy=True).contiguous()
+    # Zero right-hand sides up to a multiple of 16 solve to zero and cost little; they let
+    # the GEMMs' column masks and strides specialize, which vectorizes their loads.
+    Y = torch.nn.functional.pad(Y, (0, _pad_columns(n, Y.device)))
     Z = torch.empty_like(Y)
     return solve_steps(Lf, Y, Z, block, Linv), Y
+
+
+def _pad_columns(n: int, device: torch.device) -> int:
+    """Zero columns to add to ``n`` on ``device``: up to a multiple of 16 on CUDA, none
+    elsewhere (the interpreter pays for every column)."""
+    return -n % 16 if device.type == "cuda" else 0
 
 
 def plan_fused_solve_update(
@@ -365,7 +384,12 @@ def plan_fused_solve_update(
     steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
     cfg = SOLVE_GEMM_CONFIGS[arch]
     launches = [st.launch(cfg, precision) for st in steps]
-    Wm, P, Q = lowrank_operands(W, R.to(torch.float32), Y, transposed)
+    # The last launch reads Y as the solves leave it, so it must get Y itself, not a copy
+    # made now: R is padded to Y's width instead (zero columns add nothing).
+    Rp = torch.nn.functional.pad(R.to(torch.float32), (0, Y.shape[1] - R.shape[1]))
+    Wm, P, Q = lowrank_operands(W, Rp, Y, transposed)
+    if Y.data_ptr() not in (P.data_ptr(), Q.data_ptr()):
+        raise AssertionError("plan_fused_solve_update: the update would read a copy of Y")
     return launches + plan_lowrank_update(Wm, P, Q, arch=arch, precision=precision)
 
 
@@ -408,7 +432,7 @@ def triton_fused_solve_update(
         steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
         for st in steps:
             run_split_step(st)
-        split_lowrank_update(W, R, Y, transposed)
+        split_lowrank_update(W, R, Y[:, : K.shape[1]], transposed)
         return
     if gemm_backend != "cublas":
         raise ValueError(
@@ -417,4 +441,4 @@ def triton_fused_solve_update(
     steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
     for st in steps:
         st.run_cublas()
-    triton_lowrank_update(W, R, Y, transposed)
+    triton_lowrank_update(W, R, Y[:, : K.shape[1]], transposed)

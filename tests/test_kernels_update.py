@@ -153,6 +153,38 @@ def test_fused_solve_update_matches_reference(w_dtype, dk, n, solve_block, trans
         assert_verbose_allclose(W.cpu(), exact, rtol=2 * u, atol=1e-4, extra_info=info)
 
 
+@pytest.mark.parametrize("n", [1, 5, 17])
+def test_rank_padding_leaves_the_update_unchanged(n, monkeypatch):
+    """On CUDA the launchers pad the rank to a multiple of 16 with zero columns; forced here
+    on every device, the fused solve/update and the rank-n update still match the
+    unpadded results."""
+    import memit_fast.kernels.update as upd
+
+    dk, dh = 40, 7
+    L, K, R = make_system(dk, n, dh, seed=n)
+    W0 = (torch.randn(dh, dk, generator=torch.Generator().manual_seed(2)) / 64).to(DEVICE)
+    Lf, Kf, Rf = (x.to(torch.float32).to(DEVICE) for x in (L, K, R))
+    plain_fused, plain_low = W0.clone(), W0.clone()
+    triton_fused_solve_update(plain_fused, Lf, Kf, Rf, False, solve_block=16)
+    U = torch.randn(dk, n, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    triton_lowrank_update(plain_low, Rf, U, False)
+    widths = []
+    real_pad = torch.nn.functional.pad
+
+    def recording_pad(x, p, *a, **kw):
+        widths.append(x.shape[-1] + p[1])
+        return real_pad(x, p, *a, **kw)
+
+    monkeypatch.setattr(upd, "_pad_columns", lambda m, device: -m % 16)
+    monkeypatch.setattr(upd.torch.nn.functional, "pad", recording_pad)
+    padded_fused, padded_low = W0.clone(), W0.clone()
+    triton_fused_solve_update(padded_fused, Lf, Kf, Rf, False, solve_block=16)
+    triton_lowrank_update(padded_low, Rf, U, False)
+    assert widths and all(w % 16 == 0 for w in widths), widths
+    assert_verbose_allclose(padded_fused, plain_fused, rtol=1e-5, atol=1e-7)
+    assert_verbose_allclose(padded_low, plain_low, rtol=1e-6, atol=1e-8)
+
+
 def test_split3_recovers_fp32():
     from memit_fast.kernels.update_gemm import split3, split_mm
 
