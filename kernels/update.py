@@ -355,7 +355,9 @@ def _solve_workspace(
     Y = K.to(torch.float32, copy=True).contiguous()
     # Zero right-hand sides up to a multiple of 16 solve to zero and cost little; they let
     # the GEMMs' column masks and strides specialize, which vectorizes their loads.
-    Y = torch.nn.functional.pad(Y, (0, _pad_columns(n, Y.device)))
+    pad = _pad_columns(n, Y.device)
+    if pad:
+        Y = torch.nn.functional.pad(Y, (0, pad))
     Z = torch.empty_like(Y)
     return solve_steps(Lf, Y, Z, block, Linv), Y
 
@@ -386,7 +388,9 @@ def plan_fused_solve_update(
     launches = [st.launch(cfg, precision) for st in steps]
     # The last launch reads Y as the solves leave it, so it must get Y itself, not a copy
     # made now: R is padded to Y's width instead (zero columns add nothing).
-    Rp = torch.nn.functional.pad(R.to(torch.float32), (0, Y.shape[1] - R.shape[1]))
+    Rp = R.to(torch.float32)
+    if Y.shape[1] > Rp.shape[1]:
+        Rp = torch.nn.functional.pad(Rp, (0, Y.shape[1] - Rp.shape[1]))
     Wm, P, Q = lowrank_operands(W, Rp, Y, transposed)
     if Y.data_ptr() not in (P.data_ptr(), Q.data_ptr()):
         raise AssertionError("plan_fused_solve_update: the update would read a copy of Y")
