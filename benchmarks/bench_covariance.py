@@ -120,56 +120,42 @@ def run(args) -> list[dict[str, object]]:
         from memit_fast.kernels.covariance import triton_covariance_accumulate
 
         Ck, Cref = torch.zeros(d, d, device=device), torch.zeros(d, d, device=device)
-        for m in (None, mask):
-            Ck.zero_()
-            Cref.zero_()
-            triton_covariance_accumulate(Ck, X, m)
-            torch_covariance_accumulate(Cref, X, m)
-            rel = validate(Ck, Cref, X, m)
-            rows.append(
-                make_row(
-                    variant="triton" if m is None else "triton-masked",
-                    metric="validation_max_rel_err",
-                    value=rel,
-                    unit="",
-                    **common,
+        kept = int(mask.sum())
+        variants = ["torch-reference"]
+
+        def checked(name: str, accumulate) -> None:
+            """Validate ``accumulate(C, X, m)`` against the reference, without and with the
+            mask, then time both (variants ``name`` and ``name-masked``)."""
+            for m, variant in ((None, name), (mask, f"{name}-masked")):
+                Ck.zero_()
+                Cref.zero_()
+                accumulate(Ck, X, m)
+                torch_covariance_accumulate(Cref, X, m)
+                rel = validate(Ck, Cref, X, m)
+                rows.append(
+                    make_row(
+                        variant=variant,
+                        metric="validation_max_rel_err",
+                        value=rel,
+                        unit="",
+                        **common,
+                    )
                 )
-            )
-        covariance_finalize(Ck)  # the finalize of a pass, checked once
+                flops = sym_flops if m is None else kept * d * (d + 1)
+                add(variant, lambda m=m: accumulate(C, X, m), flops)
+                variants.append(variant)
+
+        checked("triton", triton_covariance_accumulate)
+        covariance_finalize(Ck)  # the finalize of a pass (Ck: the masked kernel's), checked once
         if not torch.equal(Ck, Ck.T):
             raise SystemExit("validation failed: finalize left C asymmetric")
-        kept = int(mask.sum())
-        add("triton", lambda: triton_covariance_accumulate(C, X, None), sym_flops)
-        add("triton-masked", lambda: triton_covariance_accumulate(C, X, mask), kept * d * (d + 1))
-        variants = ["triton", "triton-masked", "torch-reference"]
         if X.dtype != torch.float32 and (device.type != "cuda" or mm_has_out_dtype("cuda")):
             # cuBLAS row panels (16-bit operands, fp32 output), validated like the kernel.
             for panel in args.panels:
-                for m, name in (
-                    (None, f"gemm-panels-{panel}"),
-                    (mask, f"gemm-panels-{panel}-masked"),
-                ):
-                    Ck.zero_()
-                    Cref.zero_()
-                    gemm_covariance_accumulate(Ck, X, m, panel=panel)
-                    torch_covariance_accumulate(Cref, X, m)
-                    rel = validate(Ck, Cref, X, m)
-                    rows.append(
-                        make_row(
-                            variant=name,
-                            metric="validation_max_rel_err",
-                            value=rel,
-                            unit="",
-                            **common,
-                        )
-                    )
-                    flops = sym_flops if m is None else kept * d * (d + 1)
-                    add(
-                        name,
-                        lambda m=m, p=panel: gemm_covariance_accumulate(C, X, m, panel=p),
-                        flops,
-                    )
-                    variants.append(name)
+                checked(
+                    f"gemm-panels-{panel}",
+                    lambda C_, X_, m_, p=panel: gemm_covariance_accumulate(C_, X_, m_, panel=p),
+                )
         add("dense-gemm", lambda: torch.mm(X.T, X), 2.0 * t * d * d)
         gemm = timings["dense-gemm"][1]
         for variant in variants:

@@ -98,7 +98,8 @@ VARIANTS = {
 }
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 240):
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """One probe process, started (it is awaited with the others)."""
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
     )
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             if i >= 0:
                 print("torch built with:", line[i : i + 60].split(",")[0].strip())
 
-    procs = {"built _C": run([sys.executable, "-c", PROBE_BUILT], env)}
+    procs = {"built _C": start([sys.executable, "-c", PROBE_BUILT], env)}
     work = tempfile.mkdtemp(prefix="ext_throw_")
     for name in args.variants.split(","):
         cxx, cflags, ldflags = VARIANTS[name]
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         venv = (
             dict(env, CXX=cxx) if cxx else dict(env, CXX=sysconfig.get_config_var("CXX") or "c++")
         )
-        procs[f"tiny {name}"] = run(
+        procs[f"tiny {name}"] = start(
             [sys.executable, "-c", PROBE_TINY, lib, src, build, cflags, ldflags], venv
         )
     built_ok = False

@@ -197,8 +197,11 @@ if [ $DRY = 0 ] || [ $WITH_TESTS = 1 ]; then
   run_tests "gpu tests triton" 120 $TRITON_TESTS
 fi
 
-# 3. Benchmarks: the edit end to end first (the product's claim), then its parts.
+# 3. Benchmarks: in a real run the kernels and the extension first (no model needed, the
+#    extension's tests between them), then the edit end to end on the published architectures.
 EDIT_MODELS=${EDIT_MODELS-"llama-2-7b gpt-j-6b gpt2-xl"}
+KERNEL_BENCHES=${KERNEL_BENCHES-"covariance update"}
+STATS_MODEL=${STATS_MODEL-llama-2-7b}
 if [ $DRY = 1 ]; then
   # Miniatures of every architecture (one process), a few requests and steps, one thread.
   models=$(echo $EDIT_MODELS | tr ' ' ',')
@@ -215,9 +218,9 @@ if [ $DRY = 1 ]; then
   fi
 else
   # The kernels (no extension needed), then the extension and the engine end to end.
-  case " ${KERNEL_BENCHES-covariance update} " in *" covariance "*)
+  case " $KERNEL_BENCHES " in *" covariance "*)
     bench_nomd bench_covariance.py 45 --device cuda ;; esac
-  case " ${KERNEL_BENCHES-covariance update} " in *" update "*)
+  case " $KERNEL_BENCHES " in *" update "*)
     bench_nomd bench_update.py 60 --device cuda ${UPDATE_ARGS:-} ;; esac
   wait_build
   # A C++ error of the extension must arrive as a Python exception (some toolchains crash).
@@ -242,12 +245,11 @@ else
       --modes "${EDIT_MODES:-fast,published}" --published-max-n 100 --stats-samples 1000 --stats-max-length 256 \
       --target-chunk "$chunk" --key-chunk 256 --budget-s 70
   done
-  if [ -n "${STATS_MODEL-llama-2-7b}" ]; then
-    bench bench_stats.py 40 --model "${STATS_MODEL-llama-2-7b}" --device cuda --samples 1000 \
+  if [ -n "$STATS_MODEL" ]; then
+    bench bench_stats.py 40 --model "$STATS_MODEL" --device cuda --samples 1000 \
       --max-length 256 --batch-size 16
   fi
 fi
-wait_build
 
 # 4. Plots from every CSV in the results folder.
 step "plot" 60 "$PYTHON" benchmarks/plot.py --results "$RESULTS" --out "$RESULTS"

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from memit_fast.kernels._launch import KernelConfig as KC
 
     dev = torch.device("cpu" if args.interpret else "cuda")
-    name = device_name(dev)
+    base = dict(device=device_name(dev), benchmark="kernel_tune")  # every row's
     arch = _launch.arch_of(dev)
     start = time.perf_counter()
     rows: list[dict[str, object]] = []
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{op}: budget spent, {cfg_name(c)} not tried", flush=True)
                 continue
             variant = f"{op} {cfg_name(c)}" + (" current" if c == current else "")
-            common = dict(device=name, benchmark="kernel_tune", shape=shape, variant=variant)
+            common = dict(**base, shape=shape, variant=variant)
             t0 = time.perf_counter()
             try:
                 run_cfg(c)
@@ -111,18 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         ref_scale = ref.diagonal().abs().max()
         gemm = time_fn(lambda: torch.mm(X.T, X), dev)["median_ms"]
         gemm_tflops = 2.0 * t * d * d / gemm / 1e9
-        shape = f"t={t},d={d},bf16"
+        shape = f"t={t},d={d},{'fp16' if args.interpret else 'bf16'}"
         print(f"dense bf16 GEMM X^T X: {gemm:.3f} ms, {gemm_tflops:.1f} TFLOP/s", flush=True)
         rows.append(
             make_row(
-                device=name,
-                benchmark="kernel_tune",
+                **base,
                 shape=shape,
                 variant="dense-gemm",
                 metric="throughput",
                 value=gemm_tflops,
                 unit="TFLOP/s",
-            )
+            )  # fmt: skip
         )
 
         def run_cov(c):
@@ -213,14 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"solve_gemm cuBLAS fp32: {tm:.3f} ms, {tf:.1f} TFLOP/s", flush=True)
             rows.append(
                 make_row(
-                    device=name,
-                    benchmark="kernel_tune",
+                    **base,
                     shape=f"{dk - b}x{b}x{n}",
                     variant="solve_gemm cublas-fp32",
                     metric="ms",
                     value=tm,
                     unit="ms",
-                )
+                )  # fmt: skip
             )
 
     path = append_rows(args.csv, rows)

@@ -61,8 +61,9 @@ def arch_of(device: torch.device) -> int:
     return 90 if major in (9, 10) else 80
 
 
-def fp32_dot_precision(device: torch.device) -> str:
-    """``tl.dot`` input precision for fp32 operands that may use the tensor cores.
+def fp32_dot_precision(device: torch.device, requested: str | None = None) -> str:
+    """``tl.dot`` input precision for fp32 operands that may use the tensor cores:
+    ``requested`` where one is given, except on the CPU.
 
     On the GPU (and for ahead-of-time builds, planned on ``meta`` tensors) this is
     ``bf16x6``: each fp32 operand is split into three bf16 parts and the six products that
@@ -73,6 +74,8 @@ def fp32_dot_precision(device: torch.device) -> str:
     """
     if device.type == "cpu":
         return "ieee"
+    if requested is not None:
+        return requested
     return "bf16x6" if "bf16x6" in _cuda_dot_precisions() else "tf32x3"
 
 

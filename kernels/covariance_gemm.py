@@ -6,8 +6,8 @@ operands on the tensor cores and float32 accumulation and output (``torch.mm`` w
 ``out_dtype=torch.float32``), added into ``C``. With panels of width ``P`` the products
 cost ``t d (d + P)`` multiply-adds against ``t d^2`` for the full matrix. No fp32 copy of
 ``X`` is made; with a mask, masked-out rows are zeroed in a 16-bit copy (their memory may
-hold NaN). ``covariance_finalize`` mirrors the triangle afterwards,
-as for the Triton kernel.
+hold NaN). ``covariance_finalize`` mirrors the triangle afterwards, as for the Triton
+kernel.
 
 This is the path that ``benchmarks/bench_covariance.py`` (variant ``gemm-panels``) times
 beside the Triton kernel; ``memit_fast.kernels.covariance_accumulate`` uses it for 16-bit

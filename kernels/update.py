@@ -164,15 +164,22 @@ def _grid_2d(M: int, N: int, cfg: KernelConfig) -> tuple[int]:
     return (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
 
 
-def update_precision(w_dtype: torch.dtype, operand_dtype: torch.dtype, device: torch.device) -> str:
+def update_precision(
+    w_dtype: torch.dtype,
+    operand_dtype: torch.dtype,
+    device: torch.device,
+    requested: str | None = None,
+) -> str:
     """``tl.dot`` input precision of the rank-n product. 16-bit operands: exact products
-    (the setting is ignored). fp32 operands: IEEE fp32 when ``W`` is fp32 (the reference's
-    arithmetic, up to summation order; fp32 weights belong to small models); the 6-pass
-    bf16 split (``fp32_dot_precision``) when ``W`` is 16-bit, whose error stays far below
-    the rounding of ``W``."""
-    if operand_dtype != torch.float32 or w_dtype == torch.float32:
+    (the setting is ignored). fp32 operands: ``requested`` where given (off the CPU); else
+    IEEE fp32 when ``W`` is fp32 (the reference's arithmetic, up to summation order; fp32
+    weights belong to small models); the 6-pass bf16 split (``fp32_dot_precision``) when
+    ``W`` is 16-bit, whose error stays far below the rounding of ``W``."""
+    if operand_dtype != torch.float32:
         return "ieee"
-    return fp32_dot_precision(device)
+    if requested is None and w_dtype == torch.float32:
+        return "ieee"
+    return fp32_dot_precision(device, requested)
 
 
 def lowrank_operands(
@@ -228,9 +235,7 @@ def plan_lowrank_update(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP=cfg.group,
-        PRECISION=update_precision(W.dtype, P.dtype, W.device)
-        if precision is None or P.dtype != torch.float32 or W.device.type == "cpu"
-        else precision,
+        PRECISION=update_precision(W.dtype, P.dtype, W.device, precision),
     )
     return [
         Launch(
@@ -295,9 +300,7 @@ class GemmStep:
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
             GROUP=cfg.group,
-            PRECISION=fp32_dot_precision(self.C.device)
-            if precision is None or self.C.device.type == "cpu"
-            else precision,
+            PRECISION=fp32_dot_precision(self.C.device, precision),
         )
         return Launch(
             _gemm_kernel, _grid_2d(M, N, cfg), args, constexprs, cfg.num_warps, cfg.num_stages
@@ -430,19 +433,19 @@ def triton_fused_solve_update(
         ):
             launch.run()
         return
-    if gemm_backend == "cublas-split":
-        from .update_gemm import run_split_step, split_lowrank_update
-
-        steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
-        for st in steps:
-            run_split_step(st)
-        split_lowrank_update(W, R, Y[:, : K.shape[1]], transposed)
-        return
-    if gemm_backend != "cublas":
+    if gemm_backend not in ("cublas", "cublas-split"):
         raise ValueError(
             f"gemm_backend must be 'triton', 'cublas' or 'cublas-split', got {gemm_backend!r}"
         )
     steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
+    U = Y[:, : K.shape[1]]
+    if gemm_backend == "cublas-split":
+        from .update_gemm import run_split_step, split_lowrank_update
+
+        for st in steps:
+            run_split_step(st)
+        split_lowrank_update(W, R, U, transposed)
+        return
     for st in steps:
         st.run_cublas()
-    triton_lowrank_update(W, R, Y[:, : K.shape[1]], transposed)
+    triton_lowrank_update(W, R, U, transposed)

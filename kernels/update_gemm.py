@@ -8,8 +8,9 @@ B_mid]``, run by cuBLAS on the tensor cores with fp32 accumulation and output
 (``torch.mm(..., out_dtype=torch.float32)``). That is the arithmetic of the Triton kernels'
 ``bf16x6`` (products good to about fp32 rounding) at cuBLAS's bf16 rate.
 
-``split_fused_solve_update`` runs the blocked triangular solves of ``update.py`` (the same
-``GemmStep`` list, diagonal blocks inverted in float64) and then ``W += R U^T`` this way;
+``triton_fused_solve_update(..., gemm_backend="cublas-split")`` (``update.py``) runs the
+blocked triangular solves (the same ``GemmStep`` list, diagonal blocks inverted in float64)
+through ``run_split_step`` and then ``W += R U^T`` through ``split_lowrank_update``;
 ``W`` is read in fp32, updated and rounded once into its dtype. On the CPU (tests) the
 same split products are computed in fp32 from the bf16 parts, which is exact per product.
 No Triton import here.

@@ -36,13 +36,22 @@ flop (panels and compact WY products; measured with benchmarks/bench_linalg.py: 
 dk = 1536 on the CPU the update beats refactoring 3.4x at n = 100 and 1.7x at n = 400)."""
 
 AUTO_MAX_STEPS = 3
-# Columns of the random right-hand side on which "auto" tries a precision first.
-PROBE_COLUMNS = 8
 """``precision="auto"`` takes a reduced precision (a candidate on CUDA; see
 ``candidate_precisions``) only if its refinement reaches float64 accuracy within this
 many corrections: each costs a float64 residual (``2 dk^2 n``
 flops) and a pair of triangular solves, which soon outweighs the cheaper factorization
 (see benchmarks/bench_linalg.py and the precision-selection notes there)."""
+
+PROBE_COLUMNS = 8
+"""Columns of the fixed random right-hand side on which a candidate precision is tried
+before it serves (``LayerSolver``, and ``precision="auto"`` solves of many columns)."""
+
+
+def _probe(dk: int, device: torch.device) -> torch.Tensor:
+    """The ``(dk, PROBE_COLUMNS)`` float64 probe right-hand side (seeded, the same every
+    time) on ``device``."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(dk, PROBE_COLUMNS, generator=g, dtype=torch.float64).to(device)
 
 
 class IllConditionedError(RuntimeError):
@@ -372,10 +381,7 @@ def _refined_solve(
         # A candidate is tried on a few columns first: refining every column of a wide
         # right-hand side at a precision that then fails cost seconds on a GPU (dk 16384,
         # n 10,000: 2.1 s against 0.27 s for the layer solver's probed path).
-        probe = torch.randn(
-            A.shape[0], PROBE_COLUMNS, generator=torch.Generator().manual_seed(0),
-            dtype=torch.float64,
-        ).to(A.device)  # fmt: skip
+        probe = _probe(A.shape[0], A.device)
     for p in precisions:
         L, info = cholesky(A, p, block_size=block_size, check_errors=False, use_ext=use_ext)
         if int(info) > 0:
@@ -489,12 +495,7 @@ class LayerSolver:
         self.A = self.lam * C.to(torch.float64)
         self.selection: dict[str, list[float] | str] = {}
         what = f"{name + ': ' if name else ''}lambda*C"
-        probe = torch.randn(
-            C.shape[0],
-            PROBE_COLUMNS,
-            generator=torch.Generator().manual_seed(0),
-            dtype=torch.float64,
-        ).to(C.device)
+        probe = _probe(C.shape[0], C.device)
         failures = []
         for p in _precision_ladder(precision, C.device):
             L, info = cholesky(
