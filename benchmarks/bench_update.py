@@ -17,14 +17,22 @@ Given ``L`` (fp32 lower Cholesky factor of ``A = lambda C + K K^T``), ``K (dk, n
 - ``fused-cublas-split-bB``: the same blocked solve and the update, each GEMM one cuBLAS
   bf16 GEMM over the six split products (the arithmetic of ``bf16x6``);
 - ``fused-cublas``: the same blocked solve with fp32 cuBLAS GEMMs (``addmm``), then the
-  Triton rank-n update.
+  Triton rank-n update;
+- ``...-update`` (``--orders``): each of these solving for the ``dh`` columns of ``K R^T``
+  instead of the ``n`` keys (``order="update"``; ``dW^T = A^-1 K R^T``, then one add), and
+  ``torch-chain-update``, the torch chain in that order (``cholesky_solve(K R^T)`` + add):
+  the same result with ``2 dk^2 (n - dh)`` fewer flops when ``dh < n``. Speedups are over
+  ``torch-chain`` (the issue's baseline); the ``-update`` rows also report
+  ``speedup_same_order`` over ``torch-chain-update``, which separates the kernels' gain
+  from the reordering's.
 
 and, for the update alone (``U`` given, fp32): ``lowrank-torch`` (``torch_lowrank_update``)
 and ``lowrank-triton`` (``triton_lowrank_update``).
 
 Every kernel variant is checked against the float64 result on the same inputs before it is
 timed. Rows (``<results>/update.csv``): ``ms`` (median, p20, p80), ``TFLOP/s`` (solve
-``2 dk^2 n`` + update ``2 dh dk n``; each fp32 product counted once), ``speedup`` over
+``2 dk^2 n`` + update ``2 dh dk n``, or ``2 dk^2 dh`` + ``2 dh dk n`` for the ``-update``
+order: the flops each variant does; each fp32 product counted once), ``speedup`` over
 ``torch-chain`` (or ``lowrank-torch``), ``GB/s`` for the update alone (``W`` read and
 written once, ``R`` and ``U`` read once) and ``frac_of_peak`` (TFLOP/s over the datasheet
 dense bf16 peak / 6, the ceiling of fp32 products made of six bf16 ones, where the device is
@@ -106,7 +114,14 @@ def run(args) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     timings: dict[str, float] = {}
 
-    def add(variant: str, fn, flops: float, base: str | None, nbytes: float | None = None) -> None:
+    def add(
+        variant: str,
+        fn,
+        flops: float,
+        base: str | None,
+        nbytes: float | None = None,
+        same_order: str | None = None,
+    ) -> None:
         tm = time_fn(fn, device)
         ms = tm["median_ms"]
         timings[variant] = ms
@@ -131,12 +146,13 @@ def run(args) -> list[dict[str, object]]:
                     variant=variant, metric="frac_of_peak", value=tflops / peak, unit="", **common
                 )
             )
-        if base is not None and base in timings:
-            rows.append(
-                make_row(
-                    variant=variant, metric="speedup", value=timings[base] / ms, unit="x", **common
+        for metric, ref in (("speedup", base), ("speedup_same_order", same_order)):
+            if ref is not None and ref in timings:
+                rows.append(
+                    make_row(
+                        variant=variant, metric=metric, value=timings[ref] / ms, unit="x", **common
+                    )
                 )
-            )
 
     errors: dict[str, float] = {}
 
@@ -176,6 +192,17 @@ def run(args) -> list[dict[str, object]]:
         solve_flops + update_flops,
         None,
     )
+    solve_flops_update = 2.0 * dk * dk * dh  # the solve for the columns of K R^T
+    if "update" in args.orders:
+        W.copy_(W0)
+        torch_fused_solve_update(W, L, K, R, False, order="update")
+        check("torch-chain-update", W, "torch-chain", factor=8.0)
+        add(
+            "torch-chain-update",
+            lambda: torch_fused_solve_update(W, L, K, R, False, order="update"),
+            solve_flops_update + update_flops,
+            "torch-chain",
+        )
     W.copy_(W0)
     torch_lowrank_update(W, R, U32, False)
     check("lowrank-torch", W, None)
@@ -225,21 +252,25 @@ def run(args) -> list[dict[str, object]]:
         variants += [
             (f"fused-cublas-split-b{b}", "cublas-split", b, None) for b in args.solve_blocks
         ]
-        for variant, backend, block, prec in variants:
-            W.copy_(W0)
-            triton_fused_solve_update(
-                W, L, K, R, False, solve_block=block, gemm_backend=backend, precision=prec
-            )
-            # The blocked solve's inverted diagonal blocks cost a few times fp32 substitution's
-            # error (kernels/README.md): 8x, as in the tests.
-            check(variant, W, "torch-chain", factor=8.0)
+        for order in args.orders:
+            for variant, backend, block, prec in variants:
+                if order == "update":
+                    variant += "-update"
+                kw = dict(solve_block=block, gemm_backend=backend, precision=prec, order=order)
+                W.copy_(W0)
+                triton_fused_solve_update(W, L, K, R, False, **kw)
+                # The blocked solve's inverted diagonal blocks cost a few times fp32
+                # substitution's error (kernels/README.md): 8x, as in the tests.
+                check(variant, W, "torch-chain", factor=8.0)
 
-            def fn(backend=backend, block=block, prec=prec):
-                triton_fused_solve_update(
-                    W, L, K, R, False, solve_block=block, gemm_backend=backend, precision=prec
-                )
+                def fn(kw=kw):
+                    triton_fused_solve_update(W, L, K, R, False, **kw)
 
-            add(variant, fn, solve_flops + update_flops, "torch-chain")
+                if order == "update":
+                    flops, same = solve_flops_update + update_flops, "torch-chain-update"
+                else:
+                    flops, same = solve_flops + update_flops, None
+                add(variant, fn, flops, "torch-chain", same_order=same)
     return rows
 
 
@@ -260,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: v.split(","),
         default=["bf16x6", "bf16x3"],
         help="tl.dot precisions of the fused variants' fp32 GEMMs (GPU)",
+    )
+    ap.add_argument(
+        "--orders",
+        type=lambda v: v.split(","),
+        default=["keys", "update"],
+        help="right-hand sides of the fused variants' solve: the keys, the columns of K R^T",
     )
     ap.add_argument("--small", action="store_true", help="small sizes (always on CPU)")
     ap.add_argument("--small-dk", type=int, default=512)

@@ -221,7 +221,7 @@ else
   case " $KERNEL_BENCHES " in *" covariance "*)
     bench_nomd bench_covariance.py 45 --device cuda ;; esac
   case " $KERNEL_BENCHES " in *" update "*)
-    bench_nomd bench_update.py 60 --device cuda ${UPDATE_ARGS:-} ;; esac
+    bench_nomd bench_update.py 90 --device cuda ${UPDATE_ARGS:-} ;; esac
   wait_build
   # A C++ error of the extension must arrive as a Python exception (some toolchains crash).
   bench_nomd check_ext_exceptions.py 60

@@ -9,7 +9,7 @@ never imports Triton and never touches a GPU: the op modules are imported on fir
 Ops:
 - ``covariance_accumulate(C, X, mask)`` then, once per pass, ``covariance_finalize(C)``.
 - ``lowrank_update(W, R, U, transposed)``: ``W += R U^T``.
-- ``fused_solve_update(W, L, K, R, transposed)``: ``W += R ((L L^T)^-1 K)^T``.
+- ``fused_solve_update(W, L, K, R, transposed, order)``: ``W += R ((L L^T)^-1 K)^T``.
 """
 
 from __future__ import annotations
@@ -120,12 +120,19 @@ def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed
 
 
 def fused_solve_update(
-    W: torch.Tensor, L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, transposed: bool
+    W: torch.Tensor,
+    L: torch.Tensor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    transposed: bool,
+    order: str = "auto",
 ) -> None:
     """``W += R (A^-1 K)^T`` with ``A = L L^T`` (``L (dk, dk)`` the lower Cholesky factor of
-    ``lambda C + K K^T``, ``K (dk, n)``, ``R (dh, n)``), never forming ``A^-1`` or the dense
-    update. The Triton path solves in fp32 (bf16x6 tensor-core GEMMs): an opt-in fast path, not
-    the engine's default float64 solve."""
+    ``lambda C + K K^T``, ``K (dk, n)``, ``R (dh, n)``), never forming ``A^-1``. ``order``
+    (``reference.solve_order``): solve for the ``n`` keys, or for the ``dh`` columns of
+    ``K R^T``; ``"auto"`` takes whichever has fewer right-hand sides. The Triton path
+    solves in fp32 (bf16x6 tensor-core GEMMs): an opt-in fast path, not the engine's default
+    float64 solve."""
     if (
         W.dtype in _KERNEL_DTYPES
         and (W.stride(1) == 1 or W.stride(0) == 1)
@@ -133,6 +140,6 @@ def fused_solve_update(
     ):
         from .update import triton_fused_solve_update
 
-        triton_fused_solve_update(W, L, K, R, transposed)
+        triton_fused_solve_update(W, L, K, R, transposed, order=order)
     else:
-        torch_fused_solve_update(W, L, K, R, transposed)
+        torch_fused_solve_update(W, L, K, R, transposed, order=order)

@@ -180,10 +180,15 @@ def representative_launches(arch: int) -> dict[str, Launch]:
             for i, lc in enumerate(update.plan_lowrank_update(Wm, P, Q, arch=arch)):
                 name = f"lowrank/W={torch_to_triton_dtype(w_dtype)}/ops={torch_to_triton_dtype(op_dtype)}"
                 launches.append((f"{name}/{size}/{i}", lc))
-        W = _meta(dh, dk, dtype=torch.bfloat16)
+        # Both solve orders (the right-hand sides are the keys, or the columns of K R^T),
+        # the second also with a transposed (Conv1D) weight, whose add reads D untransposed.
         L, K, R = _meta(dk, dk), _meta(dk, n), _meta(dh, n)
-        for i, lc in enumerate(update.plan_fused_solve_update(W, L, K, R, False, arch=arch)):
-            launches.append((f"fused_solve_update/{size}/{i}", lc))
+        for order, transposed in [("keys", False), ("update", False), ("update", True)]:
+            W = _meta(*((dk, dh) if transposed else (dh, dk)), dtype=torch.bfloat16)
+            plan = update.plan_fused_solve_update(W, L, K, R, transposed, arch=arch, order=order)
+            for i, lc in enumerate(plan):
+                name = f"fused_solve_update/{order}/T={transposed}"
+                launches.append((f"{name}/{size}/{i}", lc))
     return unique_launches(launches)
 
 

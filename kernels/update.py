@@ -19,6 +19,13 @@ that split, the result is within a few times the error of fp32 ``cholesky_solve`
 explicit inverses of the diagonal blocks cost a little accuracy against substitution). This
 is the optional fast path; the default engine solves in float64 elsewhere.
 
+Since ``A`` is symmetric, ``R (A^-1 K)^T = (A^-1 (K R^T))^T``: the same solve can take the
+``dh`` columns of ``K R^T`` as right-hand sides instead of the ``n`` keys, and then yields
+the transposed dense update itself, added to ``W`` by a small kernel (``_add_kernel``).
+The products cost the same either way, the solves ``2 dk^2`` flops per right-hand side:
+``order="auto"`` solves for the update when ``dh < n`` (MEMIT batches of thousands of edits
+into a ``dh = 4096`` projection), whose workspaces are then smaller too.
+
 The GEMMs of the solve can run on cuBLAS instead (``gemm_backend="cublas"``: plain fp32
 ``addmm``, no TF32). ``benchmarks/bench_update.py`` times both; the default is Triton because
 fp32 cuBLAS GEMMs cannot use the tensor cores without dropping to single-pass TF32 (11 bits),
@@ -34,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._launch import KernelConfig, Launch, arch_of, fp32_dot_precision
-from .reference import check_solve_args, check_update_args
+from .reference import check_solve_args, check_update_args, solve_order
 
 # (arch family, operand kind) -> tile config of W += P Q^T.
 LOWRANK_CONFIGS: dict[tuple[int, str], KernelConfig] = {
@@ -158,6 +165,36 @@ def _gemm_kernel(
     if SUBTRACT:
         acc = tl.load(c_ptrs, mask=c_mask, other=0.0) - acc
     tl.store(c_ptrs, acc, mask=c_mask)
+
+
+@triton.jit
+def _add_kernel(
+    W_ptr,
+    D_ptr,
+    M,
+    N,
+    stride_wm,
+    stride_wn,
+    stride_dm,
+    stride_dn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``W (M, N) += D (M, N)``: ``W`` read in fp32, rounded once into its dtype; ``D`` fp32.
+    Any strides: ``D`` is the solve's ``(dk, dh)`` result, read transposed for a ``(dh, dk)``
+    weight."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    rows, cols = offs_m[:, None].to(tl.int64), offs_n[None, :].to(tl.int64)
+    w_ptrs = W_ptr + rows * stride_wm + cols * stride_wn
+    d = tl.load(D_ptr + rows * stride_dm + cols * stride_dn, mask=mask, other=0.0)
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(w_ptrs, (w + d).to(W_ptr.dtype.element_ty), mask=mask)
+
+
+# Tile of the add kernel (memory-bound: one read of D and W, one write of W).
+ADD_BLOCK = 64
 
 
 def _grid_2d(M: int, N: int, cfg: KernelConfig) -> tuple[int]:
@@ -345,24 +382,66 @@ def solve_steps(
     return steps
 
 
-def _solve_workspace(
-    L: torch.Tensor, K: torch.Tensor, block: int
-) -> tuple[list[GemmStep], torch.Tensor]:
-    """The solve's GEMM steps and the buffer that holds ``U = (L L^T)^-1 K`` after them
-    (its first ``K.shape[1]`` columns; the rest are zero padding)."""
+@dataclass
+class SolvePlan:
+    """The blocked solve of one fused solve/update, in the order ``solve_order`` picked.
+
+    ``"keys"``: ``Y`` starts as the keys (an fp32 copy) and ends as ``U = A^-1 K`` (its
+    first ``n`` columns), then ``W += R U^T``. ``"update"``: ``first`` (``Y = K R^T``) fills
+    ``Y``, the solve turns it into ``dW^T = A^-1 K R^T`` (first ``dh`` columns), then
+    ``W += dW``. The rest of ``Y``'s columns are zero padding, which solves to zero."""
+
+    order: str
+    first: GemmStep | None
+    steps: list[GemmStep]
+    Y: torch.Tensor
+    width: int  # the columns of Y that hold the result
+
+    @property
+    def result(self) -> torch.Tensor:
+        return self.Y[:, : self.width]
+
+
+def _fp32_padded(x: torch.Tensor, pad: int) -> torch.Tensor:
+    x = x.to(torch.float32)
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def _solve_plan(
+    L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, block: int, order: str
+) -> SolvePlan:
+    """The GEMM steps of the fused solve/update and the buffer they leave the result in."""
     if block < 1:
         raise ValueError(f"solve_block must be positive, got {block}")
+    order = solve_order(order, R.shape[0], K.shape[1])
     Linv = diagonal_block_inverses(L, block)  # from L as given (float64 stays float64)
     Lf = L if L.dtype == torch.float32 else L.to(torch.float32)
-    n = K.shape[1]
-    Y = K.to(torch.float32, copy=True).contiguous()
-    # Zero right-hand sides up to a multiple of 16 solve to zero and cost little; they let
-    # the GEMMs' column masks and strides specialize, which vectorizes their loads.
-    pad = _pad_columns(n, Y.device)
-    if pad:
-        Y = torch.nn.functional.pad(Y, (0, pad))
+    dk, n = K.shape
+    first = None
+    if order == "keys":
+        width = n
+        # Zero right-hand sides up to a multiple of 16 solve to zero and cost little; they
+        # let the GEMMs' column masks and strides specialize, which vectorizes their loads.
+        Y = _fp32_padded(K.to(torch.float32, copy=True).contiguous(), _pad_columns(n, K.device))
+    else:
+        width = R.shape[0]
+        Y = torch.zeros(dk, width + _pad_columns(width, K.device), device=K.device)
+        # K R^T: the inner dimension n padded too (zero columns of both add nothing).
+        pad_n = _pad_columns(n, K.device)
+        Kf, Rf = _fp32_padded(K, pad_n), _fp32_padded(R, pad_n)
+        first = GemmStep(Y[:, :width], Kf, Rf.T, subtract=False)
     Z = torch.empty_like(Y)
-    return solve_steps(Lf, Y, Z, block, Linv), Y
+    return SolvePlan(order, first, solve_steps(Lf, Y, Z, block, Linv), Y, width)
+
+
+def plan_add_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> Launch:
+    """The launch of ``W += D^T`` (``W += D`` when ``transposed``) for the ``(dk, dh)``
+    fp32 ``D`` of the ``"update"`` order; ``W`` in any layout."""
+    Dm = D if transposed else D.T
+    M, N = W.shape
+    args = (W, Dm, M, N, W.stride(0), W.stride(1), Dm.stride(0), Dm.stride(1))
+    grid = (triton.cdiv(M, ADD_BLOCK), triton.cdiv(N, ADD_BLOCK))
+    return Launch(_add_kernel, grid, args, dict(BLOCK_M=ADD_BLOCK, BLOCK_N=ADD_BLOCK), 4, 1)
 
 
 def _pad_columns(n: int, device: torch.device) -> int:
@@ -381,16 +460,26 @@ def plan_fused_solve_update(
     arch: int | None = None,
     solve_block: int | None = None,
     precision: str | None = None,
+    order: str = "auto",
 ) -> list[Launch]:
     """Every launch of ``triton_fused_solve_update``, in order (workspaces allocated here,
     on ``W.device``; the diagonal-block inverses computed here)."""
     if arch is None:
         arch = arch_of(W.device)
-    steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
+    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCK, order)
     cfg = SOLVE_GEMM_CONFIGS[arch]
-    launches = [st.launch(cfg, precision) for st in steps]
+    launches = [st.launch(cfg, precision) for st in plan.steps]
+    if plan.order == "update":
+        # K R^T at the precision the rank-n product would have had (IEEE for an fp32 W).
+        first_precision = update_precision(W.dtype, torch.float32, W.device, precision)
+        return (
+            [plan.first.launch(cfg, first_precision)]
+            + launches
+            + [plan_add_update(W, plan.result, transposed)]
+        )
     # The last launch reads Y as the solves leave it, so it must get Y itself, not a copy
     # made now: R is padded to Y's width instead (zero columns add nothing).
+    Y = plan.Y
     Rp = R.to(torch.float32)
     if Y.shape[1] > Rp.shape[1]:
         Rp = torch.nn.functional.pad(Rp, (0, Y.shape[1] - Rp.shape[1]))
@@ -410,16 +499,22 @@ def triton_fused_solve_update(
     solve_block: int | None = None,
     gemm_backend: str = "triton",
     precision: str | None = None,
+    order: str = "auto",
 ) -> None:
-    """``W += R (A^-1 K)^T`` with ``A = L L^T``, without forming ``A^-1`` or the dense update.
+    """``W += R (A^-1 K)^T`` with ``A = L L^T``, without forming ``A^-1``.
 
     ``L (dk, dk)`` lower Cholesky factor of ``lambda C + K K^T`` (read as fp32; float64 is
     rounded to fp32: this is the low-precision option); ``K (dk, n)``; ``R (dh, n)``;
-    ``W`` as in ``triton_lowrank_update``. Workspace: two ``(dk, n)`` fp32 buffers.
+    ``W`` as in ``triton_lowrank_update``.
+    ``order`` (``reference.solve_order``): ``"keys"`` solves for ``U = A^-1 K`` (two
+    ``(dk, n)`` fp32 workspaces) and writes ``R U^T`` with the rank-n kernel, the dense
+    update never formed; ``"update"`` forms ``K R^T`` and solves for ``dW^T`` in place (two
+    ``(dk, dh)`` workspaces, the fp32 dense update being the solve's own buffer), then one
+    add; ``"auto"``: ``"update"`` when ``dh < n``, which is fewer flops and less memory.
     ``gemm_backend``: ``"triton"`` (bf16x6 tensor-core GEMMs) or ``"cublas"`` (fp32
-    ``addmm``) for the GEMMs of the solve, the final update then the Triton kernel; or
-    ``"cublas-split"``: every GEMM, the final update included, as one cuBLAS bf16 GEMM over
-    the six split products (``update_gemm.py``; the arithmetic of ``bf16x6``).
+    ``addmm``) for the GEMMs of the solve (and ``K R^T``), the final update then the Triton
+    kernel; or ``"cublas-split"``: every GEMM, the final product included, as one cuBLAS
+    bf16 GEMM over the six split products (``update_gemm.py``; the arithmetic of ``bf16x6``).
     ``precision``: the ``tl.dot`` input precision of the fp32 GEMMs on the GPU (default
     ``fp32_dot_precision``, the 6-pass ``bf16x6``; ``bf16x3`` halves the tensor-core work
     for products good to about 2^-16 relative; the interpreter always computes IEEE fp32).
@@ -429,7 +524,7 @@ def triton_fused_solve_update(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if gemm_backend == "triton":
         for launch in plan_fused_solve_update(
-            W, L, K, R, transposed, solve_block=solve_block, precision=precision
+            W, L, K, R, transposed, solve_block=solve_block, precision=precision, order=order
         ):
             launch.run()
         return
@@ -437,15 +532,21 @@ def triton_fused_solve_update(
         raise ValueError(
             f"gemm_backend must be 'triton', 'cublas' or 'cublas-split', got {gemm_backend!r}"
         )
-    steps, Y = _solve_workspace(L, K, solve_block or SOLVE_BLOCK)
-    U = Y[:, : K.shape[1]]
+    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCK, order)
+    steps = ([plan.first] if plan.first is not None else []) + plan.steps
     if gemm_backend == "cublas-split":
         from .update_gemm import run_split_step, split_lowrank_update
 
         for st in steps:
             run_split_step(st)
-        split_lowrank_update(W, R, U, transposed)
+        if plan.order == "update":
+            W.add_(plan.result if transposed else plan.result.T)  # fp32 add, rounded once
+        else:
+            split_lowrank_update(W, R, plan.result, transposed)
         return
     for st in steps:
         st.run_cublas()
-    triton_lowrank_update(W, R, U, transposed)
+    if plan.order == "update":
+        plan_add_update(W, plan.result, transposed).run()
+    else:
+        triton_lowrank_update(W, R, plan.result, transposed)

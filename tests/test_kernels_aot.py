@@ -127,6 +127,7 @@ def test_every_op_and_config_is_covered():
             covariance._covariance_kernel,
             update._lowrank_update_kernel,
             update._gemm_kernel,
+            update._add_kernel,
         }
         compiled = {
             (

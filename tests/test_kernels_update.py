@@ -118,25 +118,30 @@ def make_system(dk: int, n: int, dh: int, seed: int):
     return L, K, R
 
 
+@pytest.mark.parametrize("order", ["keys", "update"])
 @pytest.mark.parametrize("backend", ["triton", "cublas-split"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("solve_block", [None, 32])
 @pytest.mark.parametrize("n", [1, 5, 64])
 @pytest.mark.parametrize("dk", [1, 7, 129])
 @pytest.mark.parametrize("w_dtype", W_DTYPES)
-def test_fused_solve_update_matches_reference(w_dtype, dk, n, solve_block, transposed, backend):
+def test_fused_solve_update_matches_reference(
+    w_dtype, dk, n, solve_block, transposed, backend, order
+):
     """``backend``: Triton bf16x6 GEMMs, or every product one bf16 GEMM over six split
-    products (``cublas-split``; fp32 emulation of the same products on the CPU)."""
+    products (``cublas-split``; fp32 emulation of the same products on the CPU). ``order``:
+    the solve takes the keys, or the columns of ``K R^T`` (``dh = 7`` is then more or fewer
+    right-hand sides than ``n``)."""
     dh = 7
     L, K, R = make_system(dk, n, dh, seed=dk * 100 + n)
     g = torch.Generator().manual_seed(1)
     # Small weights, so that the solve's error is not hidden under W's own rounding.
     W0 = (torch.randn(w_shape(dh, dk, transposed), generator=g) / 64).to(w_dtype)
-    info = f"{backend} W {w_dtype} dk={dk} n={n} block={solve_block} transposed={transposed}: "
+    info = f"{backend} {order} W {w_dtype} dk={dk} n={n} block={solve_block} T={transposed}: "
     W, buf, pad = fill_guarded(W0.shape, w_dtype, W0, DEVICE)
     Lf, Kf, Rf = (x.to(torch.float32).to(DEVICE) for x in (L, K, R))
     triton_fused_solve_update(
-        W, Lf, Kf, Rf, transposed, solve_block=solve_block, gemm_backend=backend
+        W, Lf, Kf, Rf, transposed, solve_block=solve_block, gemm_backend=backend, order=order
     )
     assert_guards_intact(buf, pad)
     exact = exact_update(W0, R, torch.cholesky_solve(K, L), transposed)
@@ -153,11 +158,12 @@ def test_fused_solve_update_matches_reference(w_dtype, dk, n, solve_block, trans
         assert_verbose_allclose(W.cpu(), exact, rtol=2 * u, atol=1e-4, extra_info=info)
 
 
+@pytest.mark.parametrize("order", ["keys", "update"])
 @pytest.mark.parametrize("n", [1, 5, 17])
-def test_rank_padding_leaves_the_update_unchanged(n, monkeypatch):
-    """On CUDA the launchers pad the rank to a multiple of 16 with zero columns; forced here
-    on every device, the fused solve/update and the rank-n update still match the
-    unpadded results."""
+def test_rank_padding_leaves_the_update_unchanged(n, order, monkeypatch):
+    """On CUDA the launchers pad the rank (and, solving for the update, ``dh``) to a
+    multiple of 16 with zero columns; forced here on every device, the fused solve/update
+    and the rank-n update still match the unpadded results."""
     import memit_fast.kernels.update as upd
 
     dk, dh = 40, 7
@@ -165,7 +171,7 @@ def test_rank_padding_leaves_the_update_unchanged(n, monkeypatch):
     W0 = (torch.randn(dh, dk, generator=torch.Generator().manual_seed(2)) / 64).to(DEVICE)
     Lf, Kf, Rf = (x.to(torch.float32).to(DEVICE) for x in (L, K, R))
     plain_fused, plain_low = W0.clone(), W0.clone()
-    triton_fused_solve_update(plain_fused, Lf, Kf, Rf, False, solve_block=16)
+    triton_fused_solve_update(plain_fused, Lf, Kf, Rf, False, solve_block=16, order=order)
     U = torch.randn(dk, n, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     triton_lowrank_update(plain_low, Rf, U, False)
     widths = []
@@ -178,7 +184,7 @@ def test_rank_padding_leaves_the_update_unchanged(n, monkeypatch):
     monkeypatch.setattr(upd, "_pad_columns", lambda m, device: -m % 16)
     monkeypatch.setattr(upd.torch.nn.functional, "pad", recording_pad)
     padded_fused, padded_low = W0.clone(), W0.clone()
-    triton_fused_solve_update(padded_fused, Lf, Kf, Rf, False, solve_block=16)
+    triton_fused_solve_update(padded_fused, Lf, Kf, Rf, False, solve_block=16, order=order)
     triton_lowrank_update(padded_low, Rf, U, False)
     assert widths and all(w % 16 == 0 for w in widths), widths
     assert_verbose_allclose(padded_fused, plain_fused, rtol=1e-5, atol=1e-7)
@@ -215,6 +221,58 @@ def test_fused_solve_update_d1000_float64_factor():
             W, L.to(DEVICE), K.float().to(DEVICE), R.float().to(DEVICE), False, gemm_backend=backend
         )
         assert_error_within(W.cpu(), exact, Wref, factor=8.0, floor=64 * EPS32, extra_info=backend)
+
+
+def test_auto_order_solves_for_the_fewer_right_hand_sides():
+    from memit_fast.kernels.reference import solve_order
+
+    assert solve_order("auto", dh=4096, n=10000) == "update"
+    assert solve_order("auto", dh=4096, n=100) == "keys"
+    assert solve_order("auto", dh=7, n=7) == "keys"
+    assert solve_order("keys", dh=1, n=100) == "keys"
+    with pytest.raises(ValueError, match="order must be one of"):
+        solve_order("rows", dh=1, n=1)
+
+
+@pytest.mark.parametrize("dh,n", [(3, 40), (40, 3)])
+def test_auto_order_plan(dh, n):
+    """What ``auto`` launches: with fewer rows of ``R`` than keys, one GEMM forms ``K R^T``
+    (dk x dh) before the solve and one add writes it; otherwise the solve's right-hand sides
+    are the keys and the rank-n kernel writes the update."""
+    from memit_fast.kernels import update
+
+    dk = 24
+    W, L = torch.zeros(dh, dk), torch.eye(dk)
+    launches = update.plan_fused_solve_update(
+        W, L, torch.zeros(dk, n), torch.zeros(dh, n), False, solve_block=8
+    )
+    if dh < n:
+        assert launches[0].kernel is update._gemm_kernel
+        assert launches[0].args[0].shape == (dk, dh)
+        assert launches[-1].kernel is update._add_kernel
+    else:
+        assert launches[0].args[0].shape == (8, n)  # the first diagonal block of U
+        assert launches[-1].kernel is update._lowrank_update_kernel
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_reference_update_order(transposed):
+    """The torch reference in either order against float64, and the dispatcher's ``auto``."""
+    from memit_fast.kernels import fused_solve_update
+
+    dk, n, dh = 33, 20, 6
+    L, K, R = make_system(dk, n, dh, seed=5)
+    W0 = torch.randn(w_shape(dh, dk, transposed), generator=torch.Generator().manual_seed(4))
+    exact = exact_update(W0 / 64, R, torch.cholesky_solve(K, L), transposed)
+    results = {}
+    for order in ("keys", "update"):
+        W = W0 / 64
+        torch_fused_solve_update(W, L.float(), K.float(), R.float(), transposed, order=order)
+        results[order] = W
+    W = W0 / 64
+    fused_solve_update(W, L.float(), K.float(), R.float(), transposed)  # auto: update
+    assert torch.equal(W, results["update"])
+    assert_error_within(results["update"], exact, results["keys"], factor=4.0, floor=64 * EPS32)
 
 
 def test_bad_arguments_are_named():
