@@ -57,7 +57,10 @@ def ext_modules_and_cmdclass():
         ("MEMIT_FAST_PYTHON_MODULE", None),
         ("MEMIT_FAST_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
-    cxx_flags = ["-O3", "-std=c++20"]
+    # No -std flag: BuildExtension then adds the C++ standard of the torch it builds against
+    # (C++17 for torch 2.11, C++20 for 2.13), so that the torch headers' inline code is
+    # compiled here as it was in libtorch.
+    cxx_flags = ["-O3"]
     with_cuda = not _flag("MEMIT_FAST_NO_CUDA") and torch.version.cuda is not None
     if with_cuda and cpp_extension.CUDA_HOME is None:
         sys.stderr.write(
@@ -79,7 +82,7 @@ def ext_modules_and_cmdclass():
             "memit_fast._C",
             sources,
             define_macros=define,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
     else:
         ext = cpp_extension.CppExtension(

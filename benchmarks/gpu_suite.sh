@@ -224,7 +224,7 @@ else
     bench_nomd bench_update.py 90 --device cuda ${UPDATE_ARGS:-} ;; esac
   wait_build
   # A C++ error of the extension must arrive as a Python exception (some toolchains crash).
-  bench_nomd check_ext_exceptions.py 60
+  bench_nomd check_ext_exceptions.py 150 --timeout 120
   # One step per file: a fatal error in one names its file and spares the others.
   for f in $EXT_TESTS; do run_tests "gpu tests $(basename "$f" .py)" 90 "$f"; done
   # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).

@@ -25,7 +25,9 @@ namespace memit_fast {
   " archs=" MEMIT_FAST_CUDA_ARCHS
 
 std::string build_info() {
-  return std::string(MEMIT_FAST_BUILD_INFO).substr(sizeof("memit_fast._C build: ") - 1);
+  // The C++ standard too: the extension should be compiled with the one of its libtorch.
+  return std::string(MEMIT_FAST_BUILD_INFO).substr(sizeof("memit_fast._C build: ") - 1) +
+      " cxx=" + std::to_string(__cplusplus);
 }
 
 namespace {
