@@ -8,6 +8,8 @@ For each key width ``dk`` and batch ``n`` it times, on one device:
 - ``cholesky_<p>``: memit_fast's blocked factor of ``lam C`` at trailing precision ``p``;
 - ``update`` vs ``refactor``: adding ``K K^T`` to a cached factor by ``cholesky_update``
   against refactoring ``lam C + K K^T`` (forming included) at the factor's precision;
+  ``update_b<nb>`` (``--update-blocks``): the update at block width ``nb``, with its
+  relative difference from the refactored factor;
 - ``layer_solve``: ``LayerSolver.solve(K)`` on a cached factor (update or refactor by
   cost, refinement to float64 accuracy) — what the engine pays per layer and batch;
 - ``memit_solve``: the one-shot refined solve (factor + refinement);
@@ -69,6 +71,7 @@ class Bench:
         self.model = f"{source}/{'ext' if on else 'reference'}"  # statistics / code path
         self.dev = harness.device_name(device)
         self.rows: list[dict[str, object]] = []
+        self.update_blocks: list[int] = []
 
     def record(self, dk: int, n, variant: str, metric: str, value: float, unit: str) -> None:
         self.rows.append(
@@ -129,6 +132,14 @@ class Bench:
             lambda: la.cholesky(torch.addmm(A64, K64, K64.T), solver.precision, use_ext=use_ext),
         )  # fmt: skip
         self.record(dk, n, "update", "speedup_vs_refactor", t_ref / t_upd, "x")
+        for nb in self.update_blocks:  # the update's block width (0: the op's default)
+            t_b, Lb = self.timed(
+                dk, n, f"update_b{nb}",
+                lambda nb=nb: la.cholesky_update(solver.L, K64, block_size=nb, use_ext=use_ext),
+            )  # fmt: skip
+            self.record(dk, n, f"update_b{nb}", "speedup_vs_refactor", t_ref / t_b, "x")
+            L_ref = torch.linalg.cholesky(torch.addmm(A64, K64, K64.T).to(Lb.dtype))
+            self.record(dk, n, f"update_b{nb}", "rel_diff_refactor", rel(Lb.tril(), L_ref), "ratio")
         self.record(dk, n, "layer_solve", "uses_update", int(solver.prefers_update(n)), "-")
         for variant, fn in [
             ("layer_solve", lambda: solver.solve(K)),
@@ -149,12 +160,18 @@ def main() -> None:
     ap.add_argument("--stats", help="safetensors file with a real C (tensor 'C'); ignores --dk")
     ap.add_argument("--no-ext", action="store_true", help="time the torch references")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    ap.add_argument(
+        "--update-blocks",
+        default="",
+        help="also time cholesky_update at these block widths (e.g. 64,128,256,1024)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     source = os.path.splitext(os.path.basename(args.stats))[0] if args.stats else "synthetic"
     bench = Bench(device, args.rep, False if args.no_ext else None, source)
+    bench.update_blocks = [int(b) for b in args.update_blocks.split(",") if b]
     if args.stats:
         from safetensors.torch import load_file
 

@@ -22,7 +22,9 @@
 # EDIT_MODES (bench_edit.py --modes, default fast,published),
 # TRITON_TESTS / EXT_TESTS (test files before / after the build), TUNE_S (seconds of the
 # kernel config sweep, 0 skips it), EDIT_MODELS (default "llama-2-7b gpt-j-6b gpt2-xl";
-# empty skips), STATS_MODEL (default llama-2-7b; empty skips).
+# empty skips), STATS_MODEL (default llama-2-7b; empty skips), LINALG_DK / LINALG_N (default
+# 16384 / 100,10000), LINALG_UPDATE_BLOCKS (cholesky_update block widths also timed, default
+# 128,256,1024; empty skips).
 # Every step runs under its own time limit; a failing step is reported and the suite goes
 # on; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -228,8 +230,8 @@ else
   # One step per file: a fatal error in one names its file and spares the others.
   for f in $EXT_TESTS; do run_tests "gpu tests $(basename "$f" .py)" 90 "$f"; done
   # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).
-  bench_nomd bench_linalg.py 90 --device cuda --dk "${LINALG_DK:-16384}" \
-    --n "${LINALG_N:-100,10000}"
+  bench_nomd bench_linalg.py 120 --device cuda --dk "${LINALG_DK:-16384}" \
+    --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-128,256,1024}"
   if [ "${TUNE_S:-90}" -gt 0 ]; then
     bench_nomd tune_kernels.py $(( ${TUNE_S:-90} + 30 )) --budget-s "${TUNE_S:-90}"
   fi
