@@ -8,8 +8,9 @@ For each key width ``dk`` and batch ``n`` it times, on one device:
 - ``cholesky_<p>``: memit_fast's blocked factor of ``lam C`` at trailing precision ``p``;
 - ``update`` vs ``refactor``: adding ``K K^T`` to a cached factor by ``cholesky_update``
   against refactoring ``lam C + K K^T`` (forming included) at the factor's precision;
-  ``update_b<nb>`` (``--update-blocks``): the update at block width ``nb``, with its
-  relative difference from the refactored factor;
+  ``update_<method>_b<nb>`` (``--update-methods``, ``--update-blocks``): the update by
+  ``method`` (``qr`` Householder panels, ``chol`` refactored diagonal blocks) at block width
+  ``nb`` (0: the op's default), with its relative difference from the refactored factor;
 - ``layer_solve``: ``LayerSolver.solve(K)`` on a cached factor (update or refactor by
   cost, refinement to float64 accuracy) — what the engine pays per layer and batch;
 - ``memit_solve``: the one-shot refined solve (factor + refinement);
@@ -38,6 +39,9 @@ from memit_fast import _ext  # noqa: E402
 from memit_fast import linalg as la  # noqa: E402
 
 LAM = 15000.0
+# The "chol" update factors a k x k matrix per block and solves against it for every row
+# below: timed only up to this many keys.
+CHOL_UPDATE_MAX_N = 1024
 
 
 def synthetic_stats(dk: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -72,6 +76,7 @@ class Bench:
         self.dev = harness.device_name(device)
         self.rows: list[dict[str, object]] = []
         self.update_blocks: list[int] = []
+        self.update_methods: list[str] = []
 
     def record(self, dk: int, n, variant: str, metric: str, value: float, unit: str) -> None:
         self.rows.append(
@@ -132,14 +137,24 @@ class Bench:
             lambda: la.cholesky(torch.addmm(A64, K64, K64.T), solver.precision, use_ext=use_ext),
         )  # fmt: skip
         self.record(dk, n, "update", "speedup_vs_refactor", t_ref / t_upd, "x")
-        for nb in self.update_blocks:  # the update's block width (0: the op's default)
-            t_b, Lb = self.timed(
-                dk, n, f"update_b{nb}",
-                lambda nb=nb: la.cholesky_update(solver.L, K64, block_size=nb, use_ext=use_ext),
-            )  # fmt: skip
-            self.record(dk, n, f"update_b{nb}", "speedup_vs_refactor", t_ref / t_b, "x")
-            L_ref = torch.linalg.cholesky(torch.addmm(A64, K64, K64.T).to(Lb.dtype))
-            self.record(dk, n, f"update_b{nb}", "rel_diff_refactor", rel(Lb.tril(), L_ref), "ratio")
+        L_ref = None
+        for method in self.update_methods or ["auto"]:
+            if method == "chol" and n > CHOL_UPDATE_MAX_N:
+                print(f"update_chol: skipped at n={n} (a k x k Cholesky per block)")
+                continue
+            for nb in self.update_blocks or [0]:  # block width (0: the op's default)
+                if (method, nb) == ("auto", 0):
+                    continue  # the "update" row
+                variant = f"update_{method}_b{nb}"
+                t_b, Lb = self.timed(
+                    dk, n, variant,
+                    lambda m=method, nb=nb: la.cholesky_update(
+                        solver.L, K64, block_size=nb, method=m, use_ext=use_ext),
+                )  # fmt: skip
+                self.record(dk, n, variant, "speedup_vs_refactor", t_ref / t_b, "x")
+                if L_ref is None:
+                    L_ref = torch.linalg.cholesky(torch.addmm(A64, K64, K64.T)).to(Lb.dtype)
+                self.record(dk, n, variant, "rel_diff_refactor", rel(Lb.tril(), L_ref), "ratio")
         self.record(dk, n, "layer_solve", "uses_update", int(solver.prefers_update(n)), "-")
         for variant, fn in [
             ("layer_solve", lambda: solver.solve(K)),
@@ -165,6 +180,11 @@ def main() -> None:
         default="",
         help="also time cholesky_update at these block widths (e.g. 64,128,256,1024)",
     )
+    ap.add_argument(
+        "--update-methods",
+        default="",
+        help="also time cholesky_update by these methods (auto,qr,chol), at each block width",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,6 +192,7 @@ def main() -> None:
     source = os.path.splitext(os.path.basename(args.stats))[0] if args.stats else "synthetic"
     bench = Bench(device, args.rep, False if args.no_ext else None, source)
     bench.update_blocks = [int(b) for b in args.update_blocks.split(",") if b]
+    bench.update_methods = [m for m in args.update_methods.split(",") if m]
     if args.stats:
         from safetensors.torch import load_file
 

@@ -428,8 +428,64 @@ constexpr int64_t kCpuUpdateMaxK = 128;
 // Its block width.
 constexpr int64_t kCpuUpdateBlock = 24;
 
-at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& K, int64_t block_size) {
+// The factor of L L^T + X X^T without an orthogonal factorization, one block column at a
+// time (Lp: L's lower triangle, contiguous, overwritten; X: the keys, overwritten):
+//   L11' = chol(L11 L11^T + X1 X1^T),   L21' = (L21 L11^T + X2 X1^T) L11'^-T,
+// and the rank-k remainder of the trailing Schur complement is X2' X2'^T with
+//   X2' = (X2 - L21 M) C^-T,   M = L11^-1 X1,   C = chol(I + M^T M)
+// ([L21 X2] times a basis of the null space of [L11 X1], normalized). Every step is a
+// GEMM, a triangular solve or a small Cholesky (nb and k wide) without a host sync: on a
+// GPU it avoids the QR of each panel. The k x k factor per block costs (n / nb) k^3 / 3,
+// which is small for k <= nb.
+at::Tensor update_by_cholesky(at::Tensor Lp, at::Tensor X, int64_t nb, const char* op) {
+  const int64_t n = Lp.size(0), k = X.size(1);
+  const at::Tensor I = at::eye(k, X.options().dtype(at::kDouble));
+  at::Tensor worst = at::zeros({}, Lp.options().dtype(at::kInt));  // largest info seen
+  for (int64_t j = 0; j < n; j += nb) {
+    const int64_t jb = std::min(nb, n - j);
+    at::Tensor L11 = Lp.narrow(0, j, jb).narrow(1, j, jb);
+    const at::Tensor X1 = X.narrow(0, j, jb);
+    // The block-sized products and factors in float64 whatever L's dtype: forming
+    // L11 L11^T + X1 X1^T squares the block's condition number, which float32 cannot hold
+    // for badly conditioned statistics (and these are nb x nb, nb x k: cheap).
+    const at::Tensor L11d = L11.to(at::kDouble), X1d = X1.to(at::kDouble);
+    auto [L11n, info] = at::linalg_cholesky_ex(
+        at::addmm(at::matmul(L11d, L11d.mT()), X1d, X1d.mT()), /*upper=*/false,
+        /*check_errors=*/false);
+    worst = at::maximum(worst, info);
+    L11n = L11n.to(Lp.scalar_type());
+    const int64_t m = n - j - jb;
+    if (m > 0) {
+      at::Tensor L21 = Lp.narrow(0, j + jb, m).narrow(1, j, jb);
+      at::Tensor X2 = X.narrow(0, j + jb, m);
+      const at::Tensor Md = at::linalg_solve_triangular(L11d, X1d, /*upper=*/false);
+      auto [C, info_c] = at::linalg_cholesky_ex(
+          at::addmm(I, Md.mT(), Md), /*upper=*/false, /*check_errors=*/false);
+      worst = at::maximum(worst, info_c);
+      const at::Tensor M = Md.to(Lp.scalar_type());
+      C = C.to(Lp.scalar_type());
+      const at::Tensor T = at::addmm(at::matmul(L21, L11.mT()), X2, X1.mT());
+      X2.copy_(at::linalg_solve_triangular(
+          C.mT(), at::addmm(X2, L21, M, /*beta=*/1, /*alpha=*/-1), /*upper=*/true,
+          /*left=*/false));
+      L21.copy_(at::linalg_solve_triangular(L11n.mT(), T, /*upper=*/true, /*left=*/false));
+    }
+    L11.copy_(L11n);
+  }
+  const int worst_info = worst.item<int>();  // the one host sync
+  TORCH_CHECK(
+      worst_info == 0, op, ": a block of the updated factor was not positive definite "
+      "(pivot ", worst_info, " of a block); is L a Cholesky factor? method='qr' does not "
+      "depend on this");
+  return Lp;
+}
+
+at::Tensor cholesky_update(
+    const at::Tensor& L, const at::Tensor& K, int64_t block_size, c10::string_view method) {
   constexpr const char* op = "memit_fast.cholesky_update";
+  TORCH_CHECK(
+      method == "auto" || method == "qr" || method == "chol", op, ": unknown method '",
+      std::string(method), "'; use 'auto', 'qr' or 'chol'");
   check_square(L, op, "L");
   check_factor_dtype(L, op, "L");
   check_matrix(K, op, "K");
@@ -453,6 +509,10 @@ at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& K, int64_t blo
     return L.tril().contiguous();
   }
   at::Tensor X = K.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  if (method == "chol") {
+    return update_by_cholesky(
+        L.tril().contiguous(), X, block_size > 0 ? block_size : default_block_size(L), op);
+  }
   if (L.is_cpu() && k <= kCpuUpdateMaxK) {
     // The trailing products cost n^2 (2 k + nb) flops, the per-block overhead is a few
     // library calls: 24 was the fastest of 8-128 for k = 20 and 100 at dk = 1536 and 4096,

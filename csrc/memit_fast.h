@@ -41,9 +41,15 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
     bool check_errors);
 
 // The Cholesky factor of L L^T + K K^T for L (n, n) lower triangular with a positive
-// diagonal (float32/float64) and K (n, k): a blocked Householder (triangular-pentagonal
-// QR) update at O(n^2 k) cost, in L's dtype. L is not modified.
-at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& K, int64_t block_size);
+// diagonal (float32/float64) and K (n, k), at O(n^2 k) cost, in L's dtype. L is not
+// modified. method "qr" (and "auto"): a blocked Householder (triangular-pentagonal QR)
+// update; "chol": each diagonal block refactored and the rank-k remainder carried below it
+// by GEMMs and triangular solves (no QR; small k x k and block-wide Cholesky factors).
+at::Tensor cholesky_update(
+    const at::Tensor& L,
+    const at::Tensor& K,
+    int64_t block_size,
+    c10::string_view method = "auto");
 
 // X = (L L^T)^-1 B for B (n,) or (n, m). Without A: triangular solves in L's dtype, X in
 // L's dtype. With A (n, n): X is float64, refined against the exact system matrix

@@ -44,7 +44,7 @@ TORCH_LIBRARY(memit_fast, m) {
   m.def(
       "cholesky(Tensor A, str precision=\"fp32\", int block_size=0, bool check_errors=True)"
       " -> (Tensor L, Tensor info)");
-  m.def("cholesky_update(Tensor L, Tensor K, int block_size=0) -> Tensor");
+  m.def("cholesky_update(Tensor L, Tensor K, int block_size=0, str method=\"auto\") -> Tensor");
   m.def(
       "cholesky_solve(Tensor L, Tensor B, Tensor? A=None, Tensor? K=None, int refine_steps=10,"
       " float tol=0.0) -> (Tensor X, Tensor history)");

@@ -280,14 +280,27 @@ def cholesky(
     return L, info
 
 
+UPDATE_METHODS = ("auto", "qr", "chol")
+
+
 def cholesky_update(
-    L: torch.Tensor, K: torch.Tensor, *, block_size: int = 0, use_ext: bool | None = None
+    L: torch.Tensor,
+    K: torch.Tensor,
+    *,
+    block_size: int = 0,
+    method: str = "auto",
+    use_ext: bool | None = None,
 ) -> torch.Tensor:
     """Factor of ``L L^T + K K^T`` for ``L (n, n)`` lower triangular with a positive
-    diagonal (float32/float64) and ``K (n, k)``, in ``L.dtype``: a blocked Householder
-    update at ``O(n^2 k)``, not a refactorization (the reference refactors)."""
+    diagonal (float32/float64) and ``K (n, k)``, in ``L.dtype``: a blocked update at
+    ``O(n^2 k)``, not a refactorization (the reference refactors). ``method``: ``"qr"``
+    (``"auto"``) a blocked Householder update; ``"chol"`` each diagonal block refactored
+    and the rank-k remainder carried below it by GEMMs and triangular solves, without a QR
+    (see ``csrc/linalg.cpp``)."""
+    if method not in UPDATE_METHODS:
+        raise ValueError(f"cholesky_update: method must be one of {UPDATE_METHODS}, got {method!r}")
     if _use_ext("cholesky_update", L.device, use_ext):
-        return torch.ops.memit_fast.cholesky_update(L, K, block_size)
+        return torch.ops.memit_fast.cholesky_update(L, K, block_size, method)
     return torch_cholesky_update(L, K)
 
 

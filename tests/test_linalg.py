@@ -134,21 +134,61 @@ def test_factor_tiny_model_stats(use_ext):
 # ----------------------------------------------------------------------------- update
 
 
-@pytest.mark.parametrize("use_ext", PATHS)
+# The reference refactors; the extension updates, by Householder panels or (``chol``)
+# by refactoring each diagonal block and carrying the remainder below it.
+UPDATE_PATHS = [
+    pytest.param(False, "auto", id="reference"),
+    *[
+        pytest.param(
+            True,
+            method,
+            id=f"ext-{method}",
+            marks=pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built"),
+        )
+        for method in ("auto", "chol")
+    ],
+]
+
+
+@pytest.mark.parametrize("use_ext,method", UPDATE_PATHS)
 @pytest.mark.parametrize("k", [1, 13, 300])
 @pytest.mark.parametrize("cond", [1e2, 1e8])
 @pytest.mark.parametrize("n", SIZES)
-def test_update_equals_refactor(use_ext, n, cond, k):
+def test_update_equals_refactor(use_ext, method, n, cond, k):
     A = spd(n, cond)
     K = rhs(n, k, scale=0.1)
     M = A + K @ K.T
     L0 = torch.linalg.cholesky(A)
-    L64 = la.cholesky_update(L0, K, use_ext=use_ext)
+    L64 = la.cholesky_update(L0, K, method=method, use_ext=use_ext)
     assert L64.dtype == torch.float64 and torch.equal(L64, L64.tril())
     assert rel(L64, torch.linalg.cholesky(M)) <= 1e-6
-    L32 = la.cholesky_update(L0.float(), K, use_ext=use_ext)
+    L32 = la.cholesky_update(L0.float(), K, method=method, use_ext=use_ext)
     assert L32.dtype == torch.float32
     assert rel(L32.double() @ L32.double().T, M) <= 1e-6
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")
+@pytest.mark.parametrize("block_size", [1, 5, 64])
+@pytest.mark.parametrize("method", ["qr", "chol"])
+def test_update_methods_at_every_block_width(method, block_size):
+    """Both update algorithms (the generic Householder one, which the CPU otherwise takes
+    only for k > 128, and the Cholesky one) at block widths that do and do not divide n, and
+    with more keys than the block is wide."""
+    n, k = 37, 9
+    A, K = spd(n, 1e6, seed=3), rhs(n, k, scale=0.3)
+    L = la.cholesky_update(
+        torch.linalg.cholesky(A), K, block_size=block_size, method=method, use_ext=True
+    )
+    assert rel(L, torch.linalg.cholesky(A + K @ K.T)) <= 1e-10
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")
+def test_update_unknown_method_is_named():
+    L = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method must be one of"):
+        la.cholesky_update(L, torch.ones(3, 1), method="givens", use_ext=True)
+    with pytest.raises(RuntimeError, match="unknown method 'givens'"):
+        torch.ops.memit_fast.cholesky_update(L, torch.ones(3, 1), 0, "givens")
 
 
 @pytest.mark.parametrize("use_ext", PATHS)

@@ -19,9 +19,10 @@ std::tuple<at::Tensor, at::Tensor> cholesky_cuda(
   return cholesky(A, std::string(precision), block_size, check_errors);
 }
 
-at::Tensor cholesky_update_cuda(const at::Tensor& L, const at::Tensor& K, int64_t block_size) {
+at::Tensor cholesky_update_cuda(
+    const at::Tensor& L, const at::Tensor& K, int64_t block_size, c10::string_view method) {
   const c10::cuda::OptionalCUDAGuard guard(L.device());
-  return cholesky_update(L, K, block_size);
+  return cholesky_update(L, K, block_size, method);
 }
 
 std::tuple<at::Tensor, at::Tensor> cholesky_solve_cuda(
