@@ -313,8 +313,10 @@ class GemmStep:
     def run_cublas(self) -> None:
         if self.subtract:
             self.C.addmm_(self.A, self.B, alpha=-1.0)
-        else:
+        elif self.C.is_contiguous():
             torch.mm(self.A, self.B, out=self.C)
+        else:  # K R^T into the first columns of a padded buffer
+            self.C.copy_(torch.mm(self.A, self.B))
 
     def launch(self, cfg: KernelConfig, precision: str | None = None) -> Launch:
         (M, K), N = self.A.shape, self.B.shape[1]
