@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             sweep("lowrank", shape, 2.0 * dh * dk * n, cur, cands, run_lr, check_lr)
 
         if "solve_gemm" in ops:
-            # One trailing-update GEMM of the blocked solve at its largest: (dk - 512) x n
-            # -= (dk - 512) x 512 @ 512 x n, fp32 operands (bf16x6 products).
-            b = min(update.SOLVE_BLOCK, dk // 2)
+            # One trailing-update GEMM of the blocked solve at its largest: (dk - b) x n
+            # -= (dk - b) x b @ b x n (b the diagonal block width), fp32 operands (bf16x6).
+            b = min(update.SOLVE_BLOCKS[arch], dk // 2)
             A = torch.randn(dk - b, b, device=dev, generator=g)
             B = torch.randn(b, n, device=dev, generator=g)
             Cg = torch.zeros(dk - b, n, device=dev)

@@ -55,8 +55,11 @@ SOLVE_GEMM_CONFIGS: dict[int, KernelConfig] = {
     90: KernelConfig(128, 128, 32, 8, num_warps=8, num_stages=3),
     80: KernelConfig(128, 128, 16, 8, num_warps=4, num_stages=4),
 }
-# Width of the diagonal blocks of the blocked triangular solve.
-SOLVE_BLOCK = 512
+# arch family -> width of the diagonal blocks of the blocked triangular solve. sm_90: 1024,
+# the fastest of 256 / 512 / 1024 on an H200 at dk 16384, n 10,000 for every backend and
+# precision (bf16x6: 191.2 / 168.1 / 158.8 ms) at the same error (bench_update.py,
+# benchmarks/results/update.csv); sm_80: 512, not measured.
+SOLVE_BLOCKS: dict[int, int] = {90: 1024, 80: 512}
 # ``tl.dot`` input precisions the fused solve/update accepts for its fp32 GEMMs.
 PRECISIONS = ("bf16x6", "bf16x3", "tf32x3", "ieee")
 
@@ -415,6 +418,7 @@ def _solve_plan(
     """The GEMM steps of the fused solve/update and the buffer they leave the result in."""
     if block < 1:
         raise ValueError(f"solve_block must be positive, got {block}")
+    block = min(block, max(L.shape[0], 1))  # one block at most as wide as the matrix
     order = solve_order(order, R.shape[0], K.shape[1])
     Linv = diagonal_block_inverses(L, block)  # from L as given (float64 stays float64)
     Lf = L if L.dtype == torch.float32 else L.to(torch.float32)
@@ -468,7 +472,7 @@ def plan_fused_solve_update(
     on ``W.device``; the diagonal-block inverses computed here)."""
     if arch is None:
         arch = arch_of(W.device)
-    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCK, order)
+    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCKS[arch], order)
     cfg = SOLVE_GEMM_CONFIGS[arch]
     launches = [st.launch(cfg, precision) for st in plan.steps]
     if plan.order == "update":
@@ -534,7 +538,7 @@ def triton_fused_solve_update(
         raise ValueError(
             f"gemm_backend must be 'triton', 'cublas' or 'cublas-split', got {gemm_backend!r}"
         )
-    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCK, order)
+    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCKS[arch_of(W.device)], order)
     steps = ([plan.first] if plan.first is not None else []) + plan.steps
     if gemm_backend == "cublas-split":
         from .update_gemm import run_split_step, split_lowrank_update

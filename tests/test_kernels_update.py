@@ -214,19 +214,26 @@ def test_split3_recovers_fp32():
 
 
 def test_fused_solve_update_d1000_float64_factor():
-    """dk = 1000 (two blocks of the default width, the second partial); L in float64 (the
-    diagonal blocks are inverted from it, the GEMMs read it as fp32); cuBLAS GEMM backend
-    gives the same result."""
+    """dk = 1000 (two blocks of 512, the second partial; and one block, the default width on
+    sm_90 and the interpreter being wider than the matrix); L in float64 (the diagonal
+    blocks are inverted from it, the GEMMs read it as fp32); cuBLAS GEMM backend gives the
+    same result."""
     dk, n, dh = 1000, 5, 7
     L, K, R = make_system(dk, n, dh, seed=9)
     W0 = torch.randn(dh, dk, generator=torch.Generator().manual_seed(2)) / 64
     exact = exact_update(W0, R, torch.cholesky_solve(K, L), False)
     Wref = W0.clone()
     torch_fused_solve_update(Wref, L.float(), K.float(), R.float(), False)
-    for backend in ("triton", "cublas"):
+    for backend, block in [("triton", 512), ("triton", None), ("cublas", 512)]:
         W = W0.clone().to(DEVICE)
         triton_fused_solve_update(
-            W, L.to(DEVICE), K.float().to(DEVICE), R.float().to(DEVICE), False, gemm_backend=backend
+            W,
+            L.to(DEVICE),
+            K.float().to(DEVICE),
+            R.float().to(DEVICE),
+            False,
+            gemm_backend=backend,
+            solve_block=block,
         )
         assert_error_within(W.cpu(), exact, Wref, factor=8.0, floor=64 * EPS32, extra_info=backend)
 
