@@ -70,8 +70,31 @@ def load() -> ModuleType | None:
             stacklevel=2,
         )
         return None
+    _check_cxx_standard(built)
     log.info("memit_fast._C loaded (%s)", built)
     return _C
+
+
+def _torch_cxx_standard() -> str | None:
+    """``__cplusplus`` of the torch build (``torch.__config__.show()``), if it says."""
+    m = re.search(r"C\+\+ Version: (\d+)", torch.__config__.show())
+    return m.group(1) if m else None
+
+
+def _check_cxx_standard(built: str) -> None:
+    """One warning when the extension was compiled under another C++ standard than
+    libtorch: the torch headers' inline code then differs between the two, and a C++ error
+    raised inside the extension may end the process instead of raising."""
+    m = re.search(r"\bcxx=(\d+)", built)
+    theirs = _torch_cxx_standard()
+    if m and theirs and m.group(1) != theirs:
+        warnings.warn(
+            f"memit_fast._C was compiled as C++ {m.group(1)} but torch as C++ {theirs}; an "
+            "error inside the extension may crash the process instead of raising. Rebuild "
+            "with `pip install --no-build-isolation -e .` (setup.py takes torch's standard).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def build_info() -> str | None:

@@ -3,6 +3,8 @@ sizes of the kernels (the comparisons with torch run in test_linalg.py on both p
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from test_linalg import rel, rhs, spd
@@ -37,6 +39,24 @@ def test_loader_warns_once_naming_build_and_found(monkeypatch):
         ):
             assert _ext.load() is None
         assert not _ext.has_kernel("cholesky", "cpu")  # cached: no second warning
+    finally:
+        _ext.load.cache_clear()
+
+
+@needs_ext
+def test_build_matches_torchs_cxx_standard(monkeypatch):
+    """The extension is compiled under libtorch's C++ standard (setup.py passes no -std);
+    where they differ, loading warns once."""
+    built = re.search(r"\bcxx=(\d+)", _ext.build_info())
+    assert built is not None
+    theirs = _ext._torch_cxx_standard()
+    if theirs is not None:
+        assert built.group(1) == theirs
+    _ext.load.cache_clear()
+    monkeypatch.setattr(_ext, "_torch_cxx_standard", lambda: "201103")
+    try:
+        with pytest.warns(RuntimeWarning, match=r"compiled as C\+\+ \d+ but torch as C\+\+ 201103"):
+            assert _ext.load() is not None
     finally:
         _ext.load.cache_clear()
 
