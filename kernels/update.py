@@ -413,9 +413,16 @@ def _fp32_padded(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def _solve_plan(
-    L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, block: int, order: str
+    L: torch.Tensor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    solve_block: int | None,
+    order: str,
+    arch: int,
 ) -> SolvePlan:
-    """The GEMM steps of the fused solve/update and the buffer they leave the result in."""
+    """The GEMM steps of the fused solve/update and the buffer they leave the result in
+    (``solve_block`` unset or 0: ``SOLVE_BLOCKS[arch]``)."""
+    block = solve_block or SOLVE_BLOCKS[arch]
     if block < 1:
         raise ValueError(f"solve_block must be positive, got {block}")
     block = min(block, max(L.shape[0], 1))  # one block at most as wide as the matrix
@@ -428,7 +435,13 @@ def _solve_plan(
         width = n
         # Zero right-hand sides up to a multiple of 16 solve to zero and cost little; they
         # let the GEMMs' column masks and strides specialize, which vectorizes their loads.
-        Y = _fp32_padded(K.to(torch.float32, copy=True).contiguous(), _pad_columns(n, K.device))
+        pad = _pad_columns(n, K.device)
+        # One copy of K either way (the padded one is new; the solve overwrites Y).
+        Y = (
+            _fp32_padded(K, pad)
+            if pad
+            else K.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        )
     else:
         width = R.shape[0]
         Y = torch.zeros(dk, width + _pad_columns(width, K.device), device=K.device)
@@ -472,7 +485,7 @@ def plan_fused_solve_update(
     on ``W.device``; the diagonal-block inverses computed here)."""
     if arch is None:
         arch = arch_of(W.device)
-    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCKS[arch], order)
+    plan = _solve_plan(L, K, R, solve_block, order, arch)
     cfg = SOLVE_GEMM_CONFIGS[arch]
     launches = [st.launch(cfg, precision) for st in plan.steps]
     if plan.order == "update":
@@ -538,7 +551,7 @@ def triton_fused_solve_update(
         raise ValueError(
             f"gemm_backend must be 'triton', 'cublas' or 'cublas-split', got {gemm_backend!r}"
         )
-    plan = _solve_plan(L, K, R, solve_block or SOLVE_BLOCKS[arch_of(W.device)], order)
+    plan = _solve_plan(L, K, R, solve_block, order, arch_of(W.device))
     steps = ([plan.first] if plan.first is not None else []) + plan.steps
     if gemm_backend == "cublas-split":
         from .update_gemm import run_split_step, split_lowrank_update
