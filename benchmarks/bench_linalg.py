@@ -9,8 +9,9 @@ For each key width ``dk`` and batch ``n`` it times, on one device:
 - ``update`` vs ``refactor``: adding ``K K^T`` to a cached factor by ``cholesky_update``
   against refactoring ``lam C + K K^T`` (forming included) at the factor's precision;
   ``update_<method>_b<nb>`` (``--update-methods``, ``--update-blocks``): the update by
-  ``method`` (``qr`` Householder panels, ``chol`` refactored diagonal blocks) at block width
-  ``nb`` (0: the op's default), with its relative difference from the refactored factor;
+  ``method`` (``qr`` Householder panels, ``chol`` refactored diagonal blocks, ``product``
+  L times the factor of ``I + W W^T``) at block width ``nb`` (0: the op's default), with
+  its relative difference from the refactored factor;
 - ``layer_solve``: ``LayerSolver.solve(K)`` on a cached factor (update or refactor by
   cost, refinement to float64 accuracy) — what the engine pays per layer and batch;
 - ``memit_solve``: the one-shot refined solve (factor + refinement);
@@ -39,8 +40,8 @@ from memit_fast import _ext  # noqa: E402
 from memit_fast import linalg as la  # noqa: E402
 
 LAM = 15000.0
-# The "chol" update factors a k x k matrix per block and solves against it for every row
-# below: timed only up to this many keys.
+# The "chol" and "product" updates factor a k x k matrix per block (and "chol" solves
+# against it for every row below): they are for few keys, timed only up to this many.
 CHOL_UPDATE_MAX_N = 1024
 
 
@@ -139,8 +140,8 @@ class Bench:
         self.record(dk, n, "update", "speedup_vs_refactor", t_ref / t_upd, "x")
         L_ref = None
         for method in self.update_methods or ["auto"]:
-            if method == "chol" and n > CHOL_UPDATE_MAX_N:
-                print(f"update_chol: skipped at n={n} (a k x k Cholesky per block)")
+            if method in ("chol", "product") and n > CHOL_UPDATE_MAX_N:
+                print(f"update_{method}: skipped at n={n} (a k x k Cholesky per block)")
                 continue
             for nb in self.update_blocks or [0]:  # block width (0: the op's default)
                 if (method, nb) == ("auto", 0):
@@ -183,7 +184,7 @@ def main() -> None:
     ap.add_argument(
         "--update-methods",
         default="",
-        help="also time cholesky_update by these methods (auto,qr,chol), at each block width",
+        help="also time cholesky_update by these methods (auto,qr,chol,product), at each block width",
     )
     args = ap.parse_args()
     if args.threads:

@@ -25,7 +25,7 @@
 # empty skips), STATS_MODEL (default llama-2-7b; empty skips), LINALG_DK / LINALG_N (default
 # 16384 / 100,10000), LINALG_UPDATE_BLOCKS / LINALG_UPDATE_METHODS (cholesky_update also
 # timed at these block widths, 0 the default, by these methods; default 0,128,256,1024 and
-# qr,chol; empty skips).
+# qr,chol,product; empty skips).
 # Every step runs under its own time limit; a failing step is reported and the suite goes
 # on; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -233,7 +233,7 @@ else
   # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).
   bench_nomd bench_linalg.py 120 --device cuda --dk "${LINALG_DK:-16384}" \
     --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-0,128,256,1024}" \
-    --update-methods "${LINALG_UPDATE_METHODS-qr,chol}"
+    --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}"
   if [ "${TUNE_S:-90}" -gt 0 ]; then
     bench_nomd tune_kernels.py $(( ${TUNE_S:-90} + 30 )) --budget-s "${TUNE_S:-90}"
   fi

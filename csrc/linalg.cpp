@@ -423,6 +423,11 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
   return {W, at::scalar_tensor(failed, A.options().dtype(at::kInt))};
 }
 
+// Block widths of the "product" update: its cost has an n^2 nb term, and three GEMMs per
+// block column.
+constexpr int64_t kProductBlock = 256;
+constexpr int64_t kCpuProductBlock = 128;
+
 // Largest k that the CPU path with panels in plain loops takes; wider updates use geqrf.
 constexpr int64_t kCpuUpdateMaxK = 128;
 // Its block width.
@@ -480,12 +485,81 @@ at::Tensor update_by_cholesky(at::Tensor Lp, at::Tensor X, int64_t nb, const cha
   return Lp;
 }
 
+// The factor of L L^T + X X^T as L times the factor of I + W W^T, W = L^-1 X (all in
+// float64; L: the lower triangle, float64; X: the keys, float64). Eliminating the blocks of
+// I + W W^T leaves Schur complements I + W' S W'^T with S = (I + W_<J^T W_<J)^-1 (Woodbury),
+// so with F_J F_J^T = I + W_<J^T W_<J, V_J = W_J F_J^-T and C_J C_J^T = I + V_J V_J^T the
+// factor of I + W W^T is block-diagonal C_J plus, below each diagonal block, W G_J^T with
+// G_J = C_J^-1 V_J F_J^-1. Hence block column J of the new factor is
+//   L'[:, J] = L[:, J] C_J + (sum_{I > J} L[:, I] W_I) G_J^T
+// (the sum vanishes on block J's rows and above). Every C_J and G_J comes from a few
+// batched calls over all blocks at once; what stays sequential is three GEMMs per block
+// column, so on a GPU there is no per-panel factorization and no host sync. Cost
+// ~3 n^2 k + n^2 nb + 2 n k^2; it is meant for few keys (k below the block width). Its backward error grows with ||X X^T|| / ||L L^T|| (L L^T is
+// recovered from products larger than itself), which is why "auto" checks it.
+at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t nb) {
+  const int64_t n = Ld.size(0), k = Xd.size(1);
+  // Blocks at least k wide: the k x k factors per block then take O(n k) memory, not
+  // O(n k^2 / nb) (many keys mean that the n^2 k terms dominate the cost anyway).
+  nb = std::min(std::max(nb, k), n);
+  const int64_t nblocks = (n + nb - 1) / nb;
+  const at::Tensor W = at::linalg_solve_triangular(Ld, Xd, /*upper=*/false);
+  // W in blocks of nb rows, zero rows padding the last one (they factor as the identity).
+  at::Tensor Wb = at::zeros({nblocks * nb, k}, W.options());
+  Wb.narrow(0, 0, n).copy_(W);
+  Wb = Wb.view({nblocks, nb, k});
+  const at::Tensor Ik = at::eye(k, W.options()).expand({nblocks, k, k});
+  const at::Tensor grams = at::bmm(Wb.mT(), Wb);  // W_J^T W_J
+  // I + sum over the blocks before J (an exclusive prefix sum: no subtraction).
+  at::Tensor prefix = Ik.clone();
+  if (nblocks > 1) {
+    prefix.narrow(0, 1, nblocks - 1).add_(grams.narrow(0, 0, nblocks - 1).cumsum(0));
+  }
+  const at::Tensor F = std::get<0>(at::linalg_cholesky_ex(prefix, false, false));
+  // V_J = W_J F_J^-T: solve V F^T = W from the right.
+  const at::Tensor VJ =
+      at::linalg_solve_triangular(F.mT(), Wb, /*upper=*/true, /*left=*/false);
+  at::Tensor M = at::eye(nb, W.options()).expand({nblocks, nb, nb}).clone();
+  M.baddbmm_(VJ, VJ.mT());
+  const at::Tensor C = std::get<0>(at::linalg_cholesky_ex(M, false, false));
+  // G_J = C_J^-1 (V_J F_J^-1).
+  const at::Tensor G = at::linalg_solve_triangular(
+      C, at::linalg_solve_triangular(F, VJ, /*upper=*/false, /*left=*/false),
+      /*upper=*/false);
+  at::Tensor out = at::zeros_like(Ld);
+  at::Tensor T = at::zeros({n, k}, W.options());  // sum_{I > J} L[:, I] W_I
+  for (int64_t J = nblocks - 1; J >= 0; --J) {
+    const int64_t j = J * nb, jb = std::min(nb, n - j), m = n - j;
+    const at::Tensor Lc = Ld.narrow(0, j, m).narrow(1, j, jb);
+    at::Tensor O = out.narrow(0, j, m).narrow(1, j, jb);
+    at::mm_out(O, Lc, C[J].narrow(0, 0, jb).narrow(1, 0, jb));
+    if (m > jb) {
+      O.narrow(0, jb, m - jb).addmm_(T.narrow(0, j + jb, m - jb), G[J].narrow(0, 0, jb).mT());
+    }
+    T.narrow(0, j, m).addmm_(Lc, W.narrow(0, j, jb));
+  }
+  return out;
+}
+
+// Relative backward error of a rank-k update, estimated on random probes:
+// ||(L' L'^T - L L^T - X X^T) V|| / (||L L^T V|| + ||X X^T V||), all in float64.
+double update_backward_error(const at::Tensor& Lnew, const at::Tensor& Ld, const at::Tensor& Xd) {
+  // Fixed, not random: the caller's generator state is not ours to advance.
+  const at::Tensor V = at::sin(
+      at::arange(1, Ld.size(0) + 1, Ld.options()).unsqueeze(1) *
+      at::tensor({0.7548776662, 1.3247179572, 2.2055694304, 0.5698402910}, Ld.options()));
+  const at::Tensor a = at::matmul(Ld, at::matmul(Ld.mT(), V));
+  const at::Tensor b = at::matmul(Xd, at::matmul(Xd.mT(), V));
+  const at::Tensor r = at::matmul(Lnew, at::matmul(Lnew.mT(), V)) - a - b;
+  return (r.norm() / (a.norm() + b.norm())).item<double>();
+}
+
 at::Tensor cholesky_update(
     const at::Tensor& L, const at::Tensor& K, int64_t block_size, c10::string_view method) {
   constexpr const char* op = "memit_fast.cholesky_update";
   TORCH_CHECK(
-      method == "auto" || method == "qr" || method == "chol", op, ": unknown method '",
-      std::string(method), "'; use 'auto', 'qr' or 'chol'");
+      method == "auto" || method == "qr" || method == "chol" || method == "product", op,
+      ": unknown method '", std::string(method), "'; use 'auto', 'qr', 'chol' or 'product'");
   check_square(L, op, "L");
   check_factor_dtype(L, op, "L");
   check_matrix(K, op, "K");
@@ -507,6 +581,20 @@ at::Tensor cholesky_update(
   const int64_t k = K.size(1);
   if (k == 0 || n == 0) {
     return L.tril().contiguous();
+  }
+  if (method == "product" || (method == "auto" && !L.is_cpu())) {
+    const at::Tensor Ld = L.tril().to(at::kDouble), Xd = K.to(at::kDouble);
+    const at::Tensor out = update_by_product(
+        Ld, Xd, block_size > 0 ? block_size : (L.is_cpu() ? kCpuProductBlock : kProductBlock));
+    // "auto" keeps it only where it is as accurate as the factor's dtype allows: within
+    // a float64 factorization's backward error bound (n 2^-53), or float32 rounding. It
+    // checks that on probes rather than bounding it (bounds from norms overestimate by
+    // orders of magnitude for key statistics); NaN fails the test.
+    if (method == "product" ||
+        update_backward_error(out, Ld, Xd) <=
+            (dtype == at::kDouble ? double(n) * std::ldexp(1.0, -53) : std::ldexp(1.0, -24))) {
+      return out.to(dtype);
+    }
   }
   at::Tensor X = K.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
   if (method == "chol") {

@@ -42,9 +42,14 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
 
 // The Cholesky factor of L L^T + K K^T for L (n, n) lower triangular with a positive
 // diagonal (float32/float64) and K (n, k), at O(n^2 k) cost, in L's dtype. L is not
-// modified. method "qr" (and "auto"): a blocked Householder (triangular-pentagonal QR)
-// update; "chol": each diagonal block refactored and the rank-k remainder carried below it
-// by GEMMs and triangular solves (no QR; small k x k and block-wide Cholesky factors).
+// modified. method "qr": a blocked Householder (triangular-pentagonal QR) update;
+// "chol": each diagonal block refactored and the rank-k remainder carried below it by
+// GEMMs and triangular solves (no QR; small k x k and block-wide Cholesky factors);
+// "product": L times the factor of I + W W^T, W = L^-1 K, in float64, from batched calls
+// over all blocks and three GEMMs per block column (backward error grows with
+// ||K K^T|| / ||L L^T||); "auto": "qr" on the CPU, elsewhere "product" where a probe
+// finds its backward error within L's dtype (n 2^-53 for float64, 2^-24 for float32),
+// else "qr".
 at::Tensor cholesky_update(
     const at::Tensor& L,
     const at::Tensor& K,

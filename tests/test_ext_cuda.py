@@ -36,6 +36,23 @@ def test_update_on_cuda(k):
     assert rel(L32.double() @ L32.double().T, A + K @ K.T) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_update_auto_on_cuda_takes_product_only_where_accurate(dtype):
+    """On CUDA ``auto`` is the ``product`` update where its probe finds it accurate (small
+    keys: the very same tensor), and the Householder one where it is not (keys far larger
+    than the statistics), which still equals the refactorization."""
+    n = 1000
+    A = spd(n, 1e8, seed=5).cuda()
+    L = torch.linalg.cholesky(A).to(dtype)
+    small, large = rhs(n, 20, scale=0.1).cuda(), rhs(n, 20, scale=1e5).cuda()
+    auto = la.cholesky_update(L, small, use_ext=True)
+    assert torch.equal(auto, la.cholesky_update(L, small, method="product", use_ext=True))
+    auto = la.cholesky_update(L, large, use_ext=True)
+    assert torch.equal(auto, la.cholesky_update(L, large, method="qr", use_ext=True))
+    M = A + large @ large.T
+    assert rel(auto.double() @ auto.double().T, M) <= (1e-13 if dtype == torch.float64 else 1e-6)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32", "fp64"])
 def test_refined_solve_on_cuda(precision):
     A, B = spd(1000, 1e2).cuda(), rhs(1000, 50).cuda()

@@ -134,8 +134,9 @@ def test_factor_tiny_model_stats(use_ext):
 # ----------------------------------------------------------------------------- update
 
 
-# The reference refactors; the extension updates, by Householder panels or (``chol``)
-# by refactoring each diagonal block and carrying the remainder below it.
+# The reference refactors; the extension updates, by Householder panels, (``chol``) by
+# refactoring each diagonal block and carrying the remainder below it, or (``product``) as
+# L times the factor of I + W W^T.
 UPDATE_PATHS = [
     pytest.param(False, "auto", id="reference"),
     *[
@@ -145,7 +146,7 @@ UPDATE_PATHS = [
             id=f"ext-{method}",
             marks=pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built"),
         )
-        for method in ("auto", "chol")
+        for method in ("auto", "chol", "product")
     ],
 ]
 
@@ -169,7 +170,7 @@ def test_update_equals_refactor(use_ext, method, n, cond, k):
 
 @pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")
 @pytest.mark.parametrize("block_size", [1, 5, 64])
-@pytest.mark.parametrize("method", ["qr", "chol"])
+@pytest.mark.parametrize("method", ["qr", "chol", "product"])
 def test_update_methods_at_every_block_width(method, block_size):
     """Both update algorithms (the generic Householder one, which the CPU otherwise takes
     only for k > 128, and the Cholesky one) at block widths that do and do not divide n, and
@@ -180,6 +181,26 @@ def test_update_methods_at_every_block_width(method, block_size):
         torch.linalg.cholesky(A), K, block_size=block_size, method=method, use_ext=True
     )
     assert rel(L, torch.linalg.cholesky(A + K @ K.T)) <= 1e-10
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")
+def test_product_update_error_grows_with_the_keys():
+    """Why ``auto`` checks ``product`` before keeping it (on the GPU): its backward error
+    grows with ||K K^T|| / ||L L^T|| (here ~1e10 of ||A|| = 1 gives nonsense), the
+    Householder update's does not. Keys the size of the statistics' (as in MEMIT) leave it
+    within a float64 factorization's bound, n 2^-53."""
+    n = 257
+    A = spd(n, 1e8, seed=5)
+    L = torch.linalg.cholesky(A)
+
+    def backward(K, method):
+        Lu = la.cholesky_update(L, K, method=method, use_ext=True)
+        return rel(Lu @ Lu.T, A + K @ K.T)
+
+    small, large = rhs(n, 20, scale=0.1), rhs(n, 20, scale=1e5)
+    assert backward(small, "product") <= n * 2.0**-53
+    assert backward(large, "qr") <= 1e-14
+    assert not backward(large, "product") <= 1e-6  # (NaN counts as failing too)
 
 
 @pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")

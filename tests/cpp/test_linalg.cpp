@@ -72,6 +72,8 @@ int main() {
       expect(rel(Lu, at::linalg_cholesky(M)) <= 1e-6, "update == refactor " + label(n, cond));
       const at::Tensor Lc = memit_fast::cholesky_update(at::linalg_cholesky(A), K, 64, "chol");
       expect(rel(Lc, at::linalg_cholesky(M)) <= 1e-6, "chol update == refactor " + label(n, cond));
+      const at::Tensor Lp = memit_fast::cholesky_update(at::linalg_cholesky(A), K, 64, "product");
+      expect(rel(Lp, at::linalg_cholesky(M)) <= 1e-6, "product update == refactor " + label(n, cond));
 
       const at::Tensor B = at::randn({n, 5}, at::kDouble);
       const at::Tensor Lm = memit_fast::cholesky_update(L, K, 64);
