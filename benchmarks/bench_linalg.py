@@ -14,6 +14,10 @@ For each key width ``dk`` and batch ``n`` it times, on one device:
   its relative difference from the refactored factor;
 - ``layer_solve``: ``LayerSolver.solve(K)`` on a cached factor (update or refactor by
   cost, refinement to float64 accuracy) — what the engine pays per layer and batch;
+- ``published_delta`` / ``layer_delta`` (where ``dh = dk / 4 < n``): the layer's update
+  ``dW = R U^T`` as the published code computes it (float64 solve for the ``n`` keys, then
+  the product) and as the engine does by default, one solve for the ``dh`` columns of
+  ``K R^T`` (``EditConfig.solve_order``);
 - ``memit_solve``: the one-shot refined solve (factor + refinement);
 
 and the relative difference of the refined solutions from the float64 solve. Rows go to
@@ -157,6 +161,20 @@ class Bench:
                     L_ref = torch.linalg.cholesky(torch.addmm(A64, K64, K64.T)).to(Lb.dtype)
                 self.record(dk, n, variant, "rel_diff_refactor", rel(Lb.tril(), L_ref), "ratio")
         self.record(dk, n, "layer_solve", "uses_update", int(solver.prefers_update(n)), "-")
+        dh = dk // 4  # the MLP output width of GPT-2 and GPT-J (dk = 4 dh)
+        if dh < n:
+            # The layer's update dW = R U^T: published, the solve for the n keys and a
+            # product; the update order, one solve for the dh columns of K R^T (the
+            # engine's default when dh < n; forming K R^T included).
+            R64 = torch.randn(dh, n, generator=torch.Generator().manual_seed(2)).to(K64)
+            t_pub_dw, dW = self.timed(
+                dk, n, "published_delta",
+                lambda: R64 @ torch.linalg.solve(torch.addmm(A64, K64, K64.T), K64).T,
+            )  # fmt: skip
+            t, D = self.timed(dk, n, "layer_delta", lambda: solver.solve(K64, K64 @ R64.T))
+            self.record(dk, n, "layer_delta", "rel_diff_fp64", rel(D.T, dW), "ratio")
+            self.record(dk, n, "layer_delta", "speedup", t_pub_dw / t, "x")
+            del dW, D
         for variant, fn in [
             ("layer_solve", lambda: solver.solve(K)),
             *[(f"layer_solve_{p}", lambda s=s: s.solve(K)) for p, s in self.fixed.items()],

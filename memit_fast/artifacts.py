@@ -259,9 +259,9 @@ def save_edit(
 ) -> Path:
     """Save ``result`` (an :class:`~memit_fast.editor.EditResult`) to the directory ``path``.
 
-    Per layer the smaller of the low-rank factors (``(dh + dk) n`` floats) and the dense
-    delta (``dh dk`` floats) is stored; both reproduce the engine's weights bit for bit
-    (see the module docstring).
+    Per layer the smaller of the low-rank factors (``(dh + dk) r`` floats, ``r`` their rank)
+    and the dense delta (``dh dk`` floats) is stored; both reproduce the engine's weights
+    bit for bit (see the module docstring).
 
     Args:
         result: what :meth:`Editor.apply` returned. It must still hold its original weights
@@ -319,16 +319,17 @@ def save_edit(
             "sha256_original": tensor_sha256(W0),
             "sha256_edited": tensor_sha256(W1),
         }
-        D = _dense_delta(W0, W1, R, U, result.transposed) if dh * dk < (dh + dk) * n else None
+        r = R.shape[1]  # the factors' rank: n, or dh where MEMIT solved for dW^T
+        D = _dense_delta(W0, W1, R, U, result.transposed) if dh * dk < (dh + dk) * r else None
         if D is not None:
             updates[str(l)] = {"kind": "dense", "tensors": {"delta": f"layers.{l}.delta"}}
             update_tensors[f"layers.{l}.delta"] = D.cpu()
         else:
-            if dh * dk < (dh + dk) * n:
+            if dh * dk < (dh + dk) * r:
                 log.info("layer %d: no exact dense delta; storing the factors", l)
             updates[str(l)] = {
                 "kind": "factors",
-                "rank": n,
+                "rank": r,
                 "tensors": {"R": f"layers.{l}.R", "U": f"layers.{l}.U"},
             }
             update_tensors[f"layers.{l}.R"] = R.float().cpu()

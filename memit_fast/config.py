@@ -12,6 +12,8 @@ DEFAULT_TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 SOLVERS = ("memit", "emmet", "alphaedit", "rome")
 """The per-layer update rules ``EditConfig.solver`` selects (see memit_fast/solvers.py)."""
+SOLVE_ORDERS = ("auto", "keys", "update")
+"""What MEMIT's solve is for (``EditConfig.solve_order``): the keys, or the update's columns."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class EditConfig:
             not ``lambda C``) below this absolute value span AlphaEdit's null space; > 0.
         alphaedit_lambda: AlphaEdit's ridge ``lambda_a`` in ``(P K K^T P + lambda_a I)^-1``;
             > 0.
+        solve_order: how ``"memit"`` solves ``dW = R U^T``, ``U = A^-1 K``: ``"keys"`` for the
+            ``n`` columns of ``U`` (the published order), ``"update"`` for the ``dh`` columns
+            of ``A^-1 K R^T = dW^T`` (``A`` is symmetric; the result's factors are then
+            ``(I, dW^T)``), ``"auto"`` whichever has fewer right-hand sides. The same update
+            to float64 accuracy either way.
     """
 
     layers: tuple[int, ...]
@@ -78,6 +85,7 @@ class EditConfig:
     emmet_ridge: float = 1e-6
     alphaedit_threshold: float = 1e-2
     alphaedit_lambda: float = 1.0
+    solve_order: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -117,6 +125,11 @@ class EditConfig:
         if not (self.emmet_ridge >= 0 and math.isfinite(self.emmet_ridge)):
             raise ValueError(
                 f"EditConfig.emmet_ridge must be finite and >= 0, got {self.emmet_ridge}"
+            )
+        if self.solve_order not in SOLVE_ORDERS:
+            raise ValueError(
+                f"EditConfig.solve_order {self.solve_order!r} is unknown; use one of "
+                f"{', '.join(SOLVE_ORDERS)}"
             )
         for name in ("alphaedit_threshold", "alphaedit_lambda"):
             v = getattr(self, name)

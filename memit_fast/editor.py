@@ -54,8 +54,11 @@ class EditResult:
         config: the configuration used (context templates filled in).
         requests: the requests applied (after validation and merging of duplicates).
         layers: the edited layers.
-        factors: per layer ``(R, U)`` with ``dW = R U^T``: ``R (dh, n)`` and ``U (dk, n)``
-            fp32, so that the update in ``(dh, dk)`` orientation is their product.
+        factors: per layer ``(R, U)`` with ``dW = R U^T``: ``R (dh, r)`` and ``U (dk, r)``
+            fp32, so that the update in ``(dh, dk)`` orientation is their product. Usually
+            ``r = n``, the residuals and the solved keys; where MEMIT solved for the
+            update's columns (``EditConfig.solve_order``, by default when ``dh < n``),
+            ``R = I`` and ``U = dW^T`` (``r = dh``).
         targets: per-request optimization figures (loss, nll, kl, steps, target vectors).
         timings: seconds per phase.
         weight_names: the parameter written per layer.
@@ -494,8 +497,16 @@ class Editor:
                 C = stats[l].mom2
                 if c.solver == "memit":
                     solver = self._solver(l, C)
+                    dh = R.shape[0]
                     try:
-                        U = solver.solve(K.to(C.device))
+                        if c.solve_order == "update" or (c.solve_order == "auto" and dh < n):
+                            # dW^T = A^-1 (K R^T): dh right-hand sides instead of n; the
+                            # factors become (I, dW^T).
+                            K64 = K.to(C.device, torch.float64)
+                            U = solver.solve(K64, K64 @ R.to(C.device, torch.float64).T)
+                            R = torch.eye(dh, dtype=R.dtype, device=R.device)
+                        else:
+                            U = solver.solve(K.to(C.device))
                     except linalg.IllConditionedError as e:
                         raise EditFailedError(f"layer {l}: {e}") from e
                 else:

@@ -124,3 +124,74 @@ def test_prefix_reuse_equals_whole_sequence_recompute(make, monkeypatch):
     torch.testing.assert_close(reused.z, whole.z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reused.loss, whole.loss, rtol=1e-5, atol=1e-6)
     assert reused.steps.tolist() == whole.steps.tolist()
+
+
+@pytest.mark.parametrize("make", [make_gpt2, make_llama], ids=["gpt2", "llama"])
+def test_update_order_writes_the_keys_orders_update(make):
+    """``solve_order="update"`` solves for the ``dh`` columns of ``A^-1 K R^T`` instead of
+    the ``n`` keys: the same update to float64 accuracy (GPT-2's transposed Conv1D and
+    Llama's Linear), with factors ``(I, dW^T)``."""
+    tok = make_tokenizer()
+    cfg = config()
+    stats = {
+        l: s.mom2 for l, s in Editor(make(), tok, cfg, corpus=list(CORPUS)).key_stats().items()
+    }
+    models, results = {}, {}
+    for order in ("keys", "update"):
+        models[order] = make()
+        ed = Editor(models[order], tok, cfg.replace(solve_order=order), stats=stats)
+        results[order] = ed.apply(REQUESTS)
+    n = len(results["keys"].requests)
+    for l in cfg.layers:
+        R, U = results["keys"].factors[l]
+        I, D = results["update"].factors[l]
+        dh, dk = R.shape[0], U.shape[0]
+        assert R.shape == (dh, n) and U.shape == (dk, n)
+        assert torch.equal(I, torch.eye(dh)) and D.shape == (dk, dh)
+        # (each order rounds through fp32 factors; layer 2 also sees layer 1's rounding)
+        assert rel(results["update"].delta(l), results["keys"].delta(l)) <= 1e-5, l
+    for (n1, p1), (_, p2) in zip(
+        models["update"].named_parameters(), models["keys"].named_parameters()
+    ):
+        assert rel(p1, p2) <= 1e-5, n1
+    results["update"].revert()
+    fresh = make()
+    for (n1, p1), (_, p2) in zip(models["update"].named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p1, p2), n1
+
+
+def test_auto_order_solves_for_fewer_right_hand_sides():
+    """``solve_order="auto"`` (the default): the keys while ``n <= dh``, the update's ``dh``
+    columns once there are more requests than the layer is wide (here dh = 8 < 12)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_tokenizer()
+
+    def narrow():
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=8, n_layer=4, n_head=2)
+        return GPT2LMHeadModel(cfg).eval()
+
+    assert config().solve_order == "auto"
+    cfg = config(layers=(2,))  # one layer: both orders solve the very same system
+    stats = {
+        l: s.mom2 for l, s in Editor(narrow(), tok, cfg, corpus=list(CORPUS)).key_stats().items()
+    }
+    cities = ["Paris", "Rome", "London", "Berlin", "Madrid", "Vienna"]
+    many = [
+        {"prompt": "{} was born in", "subject": f"Person {i}", "target": cities[i % 6]}
+        for i in range(12)
+    ]
+    few = Editor(narrow(), tok, cfg, stats=stats).apply(many[:5])
+    assert few.factors[2][0].shape == (8, 5)  # the residuals: keys order
+    auto = Editor(narrow(), tok, cfg, stats=stats).apply(many)
+    keys = Editor(narrow(), tok, cfg.replace(solve_order="keys"), stats=stats).apply(many)
+    for l in cfg.layers:
+        assert torch.equal(auto.factors[l][0], torch.eye(8))  # update order
+        assert keys.factors[l][0].shape == (8, 12)
+        assert rel(auto.delta(l), keys.delta(l)) <= 1e-6, l
+
+
+def test_unknown_solve_order_is_named():
+    with pytest.raises(ValueError, match="solve_order 'rhs' is unknown"):
+        config(solve_order="rhs")

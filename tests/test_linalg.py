@@ -352,6 +352,40 @@ def test_layer_solver_update_and_refactor_paths(use_ext, n):
 
 
 @pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+@pytest.mark.parametrize("n", [4, 400, 0])
+def test_layer_solver_any_right_hand_side(use_ext, precision, n):
+    """``solve(K, B)``: the same system for another right-hand side (MEMIT's ``K R^T``: the
+    update order), on the update and the refactor path and with no new keys, against
+    float64; ``R (A + K K^T)^-1 K`` transposed equals it (the matrix is symmetric)."""
+    dk, lam, dh = 257, 2.0, 9
+    C, K = spd(dk, 1e5, seed=4), rhs(dk, n, seed=5, scale=0.05)
+    R = rhs(dh, n, seed=6)
+    solver = la.LayerSolver(C, lam, precision=precision, use_ext=use_ext)
+    B = K @ R.T if n else rhs(dk, dh, seed=7)
+    X = solver.solve(K, B)
+    assert X.dtype == torch.float64 and X.shape == (dk, dh)
+    M = lam * C + K @ K.T
+    assert rel(X, torch.linalg.solve(M, B)) <= 1e-10
+    if n:
+        assert rel(X.T, R @ solver.solve(K).T) <= 1e-10
+    with pytest.raises(ValueError, match="B must be"):
+        solver.solve(K, B[:-1])
+
+
+def test_add_outer_is_the_symmetric_sum():
+    """``A + K K^T`` from the products on and below the diagonal, mirrored: equal to the
+    full product to rounding, exactly symmetric, at panel widths that do and do not divide
+    the size."""
+    A, K = spd(37, 1e3, seed=8), rhs(37, 5, seed=9)
+    for panel in (1, 8, 37, 64):
+        M = la.add_outer(A, K, panel=panel)
+        assert torch.equal(M, M.T)
+        assert rel(M, A + K @ K.T) <= 1e-15
+    assert torch.equal(la.add_outer(A, K[:, :0]), A)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
 def test_layer_solver_picks_fp64_when_fp32_refinement_fails(use_ext):
     C = spd(257, 1e8, seed=6)
     solver = la.LayerSolver(C, 1.0, precision="fp32", use_ext=use_ext)
