@@ -9,6 +9,7 @@ never imports Triton and never touches a GPU: the op modules are imported on fir
 Ops:
 - ``covariance_accumulate(C, X, mask)`` then, once per pass, ``covariance_finalize(C)``.
 - ``lowrank_update(W, R, U, transposed)``: ``W += R U^T``.
+- ``dense_update(W, D, transposed)``: ``W += D^T`` (the update order's ``dW^T``).
 - ``fused_solve_update(W, L, K, R, transposed, order)``: ``W += R ((L L^T)^-1 K)^T``.
 """
 
@@ -22,6 +23,7 @@ import torch
 from .reference import (
     covariance_finalize,
     torch_covariance_accumulate,
+    torch_dense_update,
     torch_fused_solve_update,
     torch_lowrank_update,
 )
@@ -29,9 +31,11 @@ from .reference import (
 __all__ = [
     "covariance_accumulate",
     "covariance_finalize",
+    "dense_update",
     "fused_solve_update",
     "lowrank_update",
     "torch_covariance_accumulate",
+    "torch_dense_update",
     "torch_fused_solve_update",
     "torch_lowrank_update",
     "triton_available",
@@ -117,6 +121,17 @@ def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed
         triton_lowrank_update(W, R, U, transposed)
     else:
         torch_lowrank_update(W, R, U, transposed)
+
+
+def dense_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
+    """``W += D^T`` in place (``W += D`` when ``transposed``), in fp32 and rounded once into
+    ``W.dtype``; ``D (dk, dh)`` any float dtype. One memory-bound pass (Triton on CUDA)."""
+    if W.dtype in _KERNEL_DTYPES and (W.stride(1) == 1 or W.stride(0) == 1) and uses_triton(W, D):
+        from .update import triton_dense_update
+
+        triton_dense_update(W, D, transposed)
+    else:
+        torch_dense_update(W, D, transposed)
 
 
 def fused_solve_update(

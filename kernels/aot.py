@@ -189,6 +189,14 @@ def representative_launches(arch: int) -> dict[str, Launch]:
             for i, lc in enumerate(plan):
                 name = f"fused_solve_update/{order}/T={transposed}"
                 launches.append((f"{name}/{size}/{i}", lc))
+        # dense_update: the engine's update-order write of its fp32 dW^T (dk, dh), into
+        # each weight dtype and both layouts.
+        for w_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for transposed in (False, True):
+                W = _meta(*((dk, dh) if transposed else (dh, dk)), dtype=w_dtype)
+                lc = update.plan_add_update(W, _meta(dk, dh), transposed)
+                name = f"dense_update/W={torch_to_triton_dtype(w_dtype)}/T={transposed}"
+                launches.append((f"{name}/{size}/0", lc))
     return unique_launches(launches)
 
 

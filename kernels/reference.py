@@ -130,6 +130,31 @@ def torch_lowrank_update(
     W.copy_((W.to(torch.float32) + dW).to(W.dtype))
 
 
+def torch_dense_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
+    """``W += D^T`` in place (``W += D`` when ``transposed``), in fp32 and rounded once into
+    ``W.dtype``: the update ``dW^T (dk, dh)`` that MEMIT's update order solves for."""
+    check_dense_args(W, D, transposed)
+    dW = D.to(torch.float32)
+    W.copy_((W.to(torch.float32) + (dW if transposed else dW.T)).to(W.dtype))
+
+
+def check_dense_args(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
+    """Shapes, devices and dtypes of ``W += D^T``."""
+    if W.dim() != 2 or D.dim() != 2:
+        raise ValueError(
+            f"dense_update: W and D must be 2-D, got {tuple(W.shape)} and {tuple(D.shape)}"
+        )
+    want = tuple(W.shape) if transposed else (W.shape[1], W.shape[0])
+    if tuple(D.shape) != want:
+        raise ValueError(
+            f"dense_update: W {tuple(W.shape)} needs D (dk, dh) = {want}, got {tuple(D.shape)}"
+        )
+    if D.device != W.device:
+        raise ValueError(f"dense_update: D is on {D.device} but W on {W.device}")
+    if not (W.is_floating_point() and D.is_floating_point()):
+        raise TypeError(f"dense_update: W and D must be floating point, got {W.dtype}, {D.dtype}")
+
+
 def check_solve_args(
     W: torch.Tensor, L: torch.Tensor, K: torch.Tensor, R: torch.Tensor, transposed: bool
 ) -> None:

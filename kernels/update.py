@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._launch import KernelConfig, Launch, arch_of, fp32_dot_precision
-from .reference import check_solve_args, check_update_args, solve_order
+from .reference import check_dense_args, check_solve_args, check_update_args, solve_order
 
 # (arch family, operand kind) -> tile config of W += P Q^T.
 LOWRANK_CONFIGS: dict[tuple[int, str], KernelConfig] = {
@@ -302,6 +302,13 @@ def triton_lowrank_update(
     Wm, P, Q = lowrank_operands(W, R, U, transposed)
     for launch in plan_lowrank_update(Wm, P, Q):
         launch.run()
+
+
+def triton_dense_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
+    """``W += D^T`` in place (``W += D`` when ``transposed``) for ``D (dk, dh)`` (any float
+    dtype, read as fp32), ``W`` in any layout: one pass of the add kernel."""
+    check_dense_args(W, D, transposed)
+    plan_add_update(W, D.to(torch.float32), transposed).run()
 
 
 @dataclass

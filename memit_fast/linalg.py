@@ -704,8 +704,23 @@ def apply_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: 
     Args:
         W: ``(dh, dk)`` weight, or ``(dk, dh)`` when ``transposed`` (GPT-2's Conv1D).
         R: ``(dh, n)`` residuals; U: ``(dk, n)`` solved keys.
-    Dispatches to ``memit_fast.kernels.lowrank_update`` (Triton on CUDA, torch elsewhere).
+    Dispatches to ``memit_fast.kernels.lowrank_update`` (Triton on CUDA, torch elsewhere);
+    the update order's factors ``(I, dW^T)`` to ``kernels.dense_update``, the same sum
+    without the product.
     """
     from memit_fast import kernels
 
+    if _is_identity(R) and U.shape[1] == R.shape[0]:
+        # The update order's factors (I, dW^T): an add, not a product with the identity.
+        kernels.dense_update(W, U.to(W.device), transposed)
+        return
     kernels.lowrank_update(W, R.to(W.device), U.to(W.device), transposed)
+
+
+def _is_identity(R: torch.Tensor) -> bool:
+    """Whether ``R`` is a square identity matrix (one comparison pass)."""
+    if R.dim() != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        return False
+    if not bool((R.diagonal() == 1).all()):
+        return False
+    return int(torch.count_nonzero(R)) == R.shape[0]

@@ -120,7 +120,7 @@ def test_compiles_odd_sizes(odd_report, arch, name):
 def test_every_op_and_config_is_covered():
     for arch in ARCHS:
         aligned = {n: lc for n, lc in LAUNCHES[arch].items() if "/aligned/" in n}
-        for op in ("covariance/", "lowrank/", "fused_solve_update/"):
+        for op in ("covariance/", "lowrank/", "fused_solve_update/", "dense_update/"):
             assert any(n.startswith(op) for n in aligned), (arch, op)
         kernels = {lc.kernel for lc in aligned.values()}
         assert kernels == {

@@ -18,7 +18,12 @@ from memit_fast import linalg
 @pytest.fixture
 def calls(monkeypatch):
     """Record which implementation each dispatcher called (and still run it)."""
-    names = ("torch_covariance_accumulate", "torch_lowrank_update", "torch_fused_solve_update")
+    names = (
+        "torch_covariance_accumulate",
+        "torch_lowrank_update",
+        "torch_fused_solve_update",
+        "torch_dense_update",
+    )
     return spy_calls(monkeypatch, [(K, name) for name in names])
 
 
@@ -26,9 +31,11 @@ def test_public_names():
     assert sorted(K.__all__) == [
         "covariance_accumulate",
         "covariance_finalize",
+        "dense_update",
         "fused_solve_update",
         "lowrank_update",
         "torch_covariance_accumulate",
+        "torch_dense_update",
         "torch_fused_solve_update",
         "torch_lowrank_update",
         "triton_available",
@@ -51,10 +58,13 @@ def test_cpu_tensors_go_to_the_references(calls):
     assert torch.equal(W, torch.full((3, 4), 2.0))
     K.fused_solve_update(W, torch.eye(4), torch.ones(4, 2), torch.ones(3, 2), False)
     assert torch.equal(W, torch.full((3, 4), 4.0))
+    K.dense_update(W, torch.ones(4, 3, dtype=torch.float64), False)
+    assert torch.equal(W, torch.full((3, 4), 5.0))
     assert calls == [
         "torch_covariance_accumulate",
         "torch_lowrank_update",
         "torch_fused_solve_update",
+        "torch_dense_update",
     ]
 
 
@@ -70,6 +80,24 @@ def test_engine_update_dispatches_through_kernels(calls):
     U = torch.ones(5, 1, dtype=torch.float64)
     linalg.apply_update(W, torch.ones(3, 1), U, transposed=True)
     assert calls == ["torch_lowrank_update"] and torch.all(W == 1)
+
+
+def test_engine_update_order_factors_are_added_not_multiplied(calls):
+    """The update order's factors ``(I, dW^T)`` reach dense_update (an add), with the same
+    bits as the product with the identity; any other R goes to lowrank_update."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(6, 4, generator=g).to(torch.bfloat16)  # transposed: (dk, dh)
+    D = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    W = W0.clone()
+    linalg.apply_update(W, torch.eye(4), D, transposed=True)
+    assert calls == ["torch_dense_update"]
+    Wp = W0.clone()
+    K.torch_lowrank_update(Wp, torch.eye(4), D, True)
+    assert torch.equal(W, Wp)
+    not_eye = torch.eye(4)
+    not_eye[0, 1] = 1e-30
+    linalg.apply_update(W0.clone(), not_eye, D, transposed=True)
+    assert calls[-1] == "torch_lowrank_update"
 
 
 def test_import_needs_no_triton_and_no_gpu():

@@ -15,11 +15,12 @@ from kernel_utils import (
     fill_guarded,
     limit_blas_threads,
 )
-from memit_fast.kernels import torch_fused_solve_update, torch_lowrank_update
+from memit_fast.kernels import torch_dense_update, torch_fused_solve_update, torch_lowrank_update
 
 pytest.importorskip("triton")
 
 from memit_fast.kernels.update import (  # noqa: E402
+    triton_dense_update,
     triton_fused_solve_update,
     triton_lowrank_update,
 )
@@ -80,6 +81,33 @@ def test_lowrank_matches_reference(w_dtype, dh, dk, n, transposed):
         # Rounded once: at most one unit in the last place away from the reference.
         ulp = 2 * UNIT_ROUNDOFF[w_dtype] * Wref.cpu().to(torch.float64).abs().clamp_min(1e-3)
         assert torch.all((W.cpu().to(torch.float64) - Wref.cpu().to(torch.float64)).abs() <= ulp)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dh,dk", SIZES)
+@pytest.mark.parametrize("w_dtype", W_DTYPES)
+def test_dense_update_matches_reference(w_dtype, dh, dk, transposed):
+    """``W += D^T`` (the update order's ``dW^T (dk, dh)``, float64 from the solve): W is the
+    float64 sum rounded once, the same bits as the reference, and nothing outside W is
+    written."""
+    g = torch.Generator().manual_seed(dh * 5 + dk)
+    W0 = torch.randn(w_shape(dh, dk, transposed), generator=g).to(w_dtype)
+    D = torch.randn(dk, dh, generator=g, dtype=torch.float64) / 8
+    W, buf, pad = fill_guarded(W0.shape, w_dtype, W0, DEVICE)
+    triton_dense_update(W, D.to(DEVICE), transposed)
+    assert_guards_intact(buf, pad)
+    assert not torch.isnan(W).any()
+    Wref = W0.clone().to(DEVICE)
+    torch_dense_update(Wref, D.to(DEVICE), transposed)
+    assert torch.equal(W.cpu(), Wref.cpu())
+    exact = W0.to(torch.float64) + (D if transposed else D.T)
+    u = UNIT_ROUNDOFF[w_dtype]
+    assert_verbose_allclose(W.cpu(), exact, rtol=2 * u, atol=2 * EPS32, extra_info=f"{w_dtype}")
+
+
+def test_dense_update_bad_shape_is_named():
+    with pytest.raises(ValueError, match=r"needs D \(dk, dh\) = \(4, 3\)"):
+        torch_dense_update(torch.zeros(3, 4), torch.zeros(3, 4), False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
