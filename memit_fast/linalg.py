@@ -348,10 +348,23 @@ def candidate_precisions(device: torch.device | str) -> tuple[str, ...]:
     more than that saves: on SmolLM2-135M's key statistics, where fp32 refinement converges
     in 2 steps, ``LayerSolver.solve`` took 165 ms (fp32) vs 149 ms (fp64) at n = 100 and
     990 vs 437 ms at n = 1000; on statistics with cond ~1e6, 165 vs 71 and 694 vs 270 ms.
-    ``precision="fp32"`` still asks for it."""
-    if torch.device(device).type == "cuda":
+    ``precision="fp32"`` still asks for it.
+
+    On GPUs whose float64 runs at the float32 rate (compute capability 8.0 and 9.0: A100,
+    H100, H200) fp32 is left out too: on an H200 at dk = 16384 cuSOLVER factored in 44.9 ms
+    (fp32) against 43.1 ms (fp64), ours in 49.8 against 47.5 ms, so an fp32 factor saves
+    nothing and its refinement adds float64 residuals (``benchmarks/results/gpu_h200.md``).
+    The tensor-core formats stay: they factor faster, where refinement converges."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if torch.cuda.get_device_capability(dev) in FULL_RATE_FP64:
+            return ("bf16", "tf32", "fp64")
         return ("bf16", "tf32", "fp32", "fp64")
     return ("fp64",)
+
+
+# Compute capabilities whose float64 arithmetic runs at the float32 rate.
+FULL_RATE_FP64 = ((8, 0), (9, 0))
 
 
 # ----------------------------------------------------------------------------- solves

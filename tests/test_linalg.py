@@ -453,6 +453,23 @@ def test_memit_solve_matches_reference(use_ext):
     assert rel(U64, la.torch_memit_solve(C, K, 1e3)) <= 1e-12
 
 
+@pytest.mark.parametrize(
+    "capability,expected",
+    [
+        ((9, 0), ("bf16", "tf32", "fp64")),  # H100/H200: fp64 at the fp32 rate
+        ((8, 0), ("bf16", "tf32", "fp64")),  # A100
+        ((8, 9), ("bf16", "tf32", "fp32", "fp64")),  # fp64 at a fraction of fp32
+        ((12, 0), ("bf16", "tf32", "fp32", "fp64")),
+    ],
+)
+def test_candidate_precisions_by_device(capability, expected, monkeypatch):
+    """``auto``'s ladder: the CPU factors in fp64 only; a GPU tries the tensor-core formats
+    first, and fp32 only where float64 is slower than float32."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert la.candidate_precisions("cuda:0") == expected
+    assert la.candidate_precisions("cpu") == ("fp64",)
+
+
 @pytest.mark.parametrize("use_ext", PATHS)
 @pytest.mark.parametrize("cond,chosen", [(1e2, "fp32"), (1e7, "fp64")])
 def test_auto_solve_tries_candidates_on_a_probe_first(use_ext, cond, chosen, monkeypatch):
