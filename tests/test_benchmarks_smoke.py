@@ -1,0 +1,64 @@
+"""The kernel and linear-algebra benchmarks run on the CPU at tiny sizes (the references,
+the kernels under the Triton interpreter), so that they cannot rot between GPU runs. Their
+own validation (each variant checked against a reference before it is timed) is what fails
+here if an op breaks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, out: Path) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OUT": str(out)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_covariance_runs(tmp_path):
+    pytest.importorskip("triton")
+    out = run_bench(
+        "bench_covariance.py", "--small", "--small-d", "64", "--small-t", "128",
+        "--interpret", "--no-save", out=tmp_path,
+    )  # fmt: skip
+    for variant in ("torch-reference", "triton-masked", "gemm-panels-1024", "frac_of_dense_gemm"):
+        assert variant in out, variant
+
+
+def test_bench_update_runs_both_orders(tmp_path):
+    pytest.importorskip("triton")
+    out = run_bench(
+        "bench_update.py", "--small", "--small-dk", "64", "--small-dh", "16", "--small-n", "32",
+        "--orders", "keys,update", "--interpret", "--no-save", out=tmp_path,
+    )  # fmt: skip
+    for variant in ("torch-chain ", "torch-chain-update", "-update ", "speedup_same_order"):
+        assert variant in out, variant
+
+
+def test_bench_linalg_runs_every_update_method_and_the_update_order(tmp_path):
+    out = run_bench(
+        "bench_linalg.py", "--device", "cpu", "--dk", "64", "--n", "8,100", "--rep", "1",
+        "--update-methods", "qr,chol,product", "--update-blocks", "0,16", out=tmp_path,
+    )  # fmt: skip
+    for variant in ("published ", "update_product_b16", "update_chol_b0", "layer_solve "):
+        assert variant in out, variant
+    # dh = dk / 4 = 16 < n = 100 only: the update order's rows, at float64 accuracy.
+    rows = [line.split() for line in out.splitlines() if line.startswith("dk=")]
+    delta = [r for r in rows if r[4] == "layer_delta"]
+    assert delta and {r[3] for r in delta} == {"100"}
+    diffs = [float(r[6]) for r in delta if r[5] == "rel_diff_fp64"]
+    assert diffs and max(diffs) <= 1e-10
+    assert (tmp_path / "bench_linalg.csv").is_file()
