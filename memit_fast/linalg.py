@@ -514,7 +514,9 @@ class LayerSolver:
         precision: trailing precision of the factor, or ``"auto"``: the cheapest of
             ``candidate_precisions(C.device)`` whose refinement reaches float64 accuracy
             on this matrix within ``AUTO_MAX_STEPS`` corrections (measured on a probe
-            solve; the backward errors are recorded in ``selection``).
+            solve; the backward errors are recorded in ``selection``). A refactorization
+            for many right-hand sides then goes to float64 where that is cheaper than the
+            refinement (``_refactor_ladder``).
         name: names the layer in error messages (``"layer 17"``).
         refine_steps: at most this many refinement steps per solve.
         block_size: block size of the extension's kernels (0: the device's default).
@@ -551,6 +553,7 @@ class LayerSolver:
         self.n_committed = 0
         self.A = self.lam * C.to(torch.float64)
         self.selection: dict[str, list[float] | str] = {}
+        self.auto = precision == "auto"
         what = f"{name + ': ' if name else ''}lambda*C"
         probe = _probe(C.shape[0], C.device)
         failures = []
@@ -621,16 +624,30 @@ class LayerSolver:
         X, p, _ = _refined_solve(
             A,
             B64,
-            _precision_ladder(self.precision, A.device),
+            self._refactor_ladder(B64.shape[1]),
             auto=False,
             what=f"{self._who()}: lambda*C + K K^T",
             refine_steps=self.refine_steps,
             block_size=self.block_size,
             use_ext=self.use_ext,
         )
-        if p != self.precision:
+        if p != self.precision and not (self.auto and p == "fp64"):
             log.warning("%s: solved at %s, not %s", self._who(), p, self.precision)
         return X
+
+    def _refactor_ladder(self, m: int) -> tuple[str, ...]:
+        """The precisions to refactor at for ``m`` right-hand sides. ``auto`` skips the
+        reduced precision it chose where its refinement would cost more than it saves: each
+        step's float64 residual costs ``2 dk^2 m``, while a float64 factor costs ``dk^3 / 3``
+        (the reduced one counted as free) and needs no refinement. With the steps the probe
+        took, the reduced factor pays for ``m`` up to about ``dk / (6 steps)`` columns."""
+        ladder = _precision_ladder(self.precision, self.A.device)
+        if self.auto and self.precision != "fp64":
+            history = self.selection.get(self.precision)
+            steps = max(1, len(history) - 1) if isinstance(history, list) else 1
+            if steps * 2 * m * self.dk**2 > self.dk**3 / 3:
+                return ("fp64",)
+        return ladder
 
     def solve_committed(self, B: torch.Tensor) -> torch.Tensor:
         """``X (dk, m)`` float64 with ``A X = B`` for the committed system alone
@@ -705,6 +722,7 @@ class LayerSolver:
         self.name, self.refine_steps = name, refine_steps
         self.block_size, self.use_ext = block_size, use_ext
         self.selection = {}
+        self.auto = False  # the saved precision is kept as if it had been asked for
         return self
 
     def _who(self) -> str:

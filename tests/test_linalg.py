@@ -453,6 +453,36 @@ def test_memit_solve_matches_reference(use_ext):
     assert rel(U64, la.torch_memit_solve(C, K, 1e3)) <= 1e-12
 
 
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_auto_refactors_in_fp64_where_refinement_would_cost_more(use_ext, monkeypatch):
+    """``auto`` chose fp32 (refinement converges on the probe): a refactorization for few
+    right-hand sides uses it, one for many (where the float64 residuals of the refinement
+    cost more than a float64 factor) factors in fp64 instead; both at float64 accuracy. An
+    explicitly asked precision is kept."""
+    monkeypatch.setattr(la, "candidate_precisions", lambda device: ("fp32", "fp64"))
+    dk, lam = 257, 2.0
+    C = spd(dk, 1e3, seed=4)
+    auto = la.LayerSolver(C, lam, use_ext=use_ext)
+    fixed = la.LayerSolver(C, lam, precision="fp32", use_ext=use_ext)
+    assert auto.precision == fixed.precision == "fp32"
+    factored = []
+    real = la.cholesky
+
+    def spy(A, precision, **kw):
+        factored.append(precision)
+        return real(A, precision, **kw)
+
+    monkeypatch.setattr(la, "cholesky", spy)
+    monkeypatch.setattr(la.LayerSolver, "prefers_update", lambda self, n: False)
+    K = rhs(dk, 300, seed=5, scale=0.05)
+    M = lam * C + K @ K.T
+    for solver, m, want in [(auto, 2, "fp32"), (auto, 200, "fp64"), (fixed, 200, "fp32")]:
+        factored.clear()
+        B = rhs(dk, m, seed=6)
+        assert rel(solver.solve(K, B), torch.linalg.solve(M, B)) <= 1e-10
+        assert factored == [want], (m, factored)
+
+
 @pytest.mark.parametrize(
     "capability,expected",
     [
