@@ -419,6 +419,16 @@ def _trial_steps(refine_steps: int, precision: str, auto: bool) -> int:
     return refine_steps if not auto or precision == "fp64" else min(refine_steps, AUTO_MAX_STEPS)
 
 
+def refinement_pays(dk: int, m: int, history) -> bool:
+    """Whether a reduced-precision factor with refinement is cheaper than a float64 factor
+    for ``m`` right-hand sides: each refinement step's float64 residual costs ``2 dk^2 m``,
+    the float64 factor ``dk^3 / 3`` (the reduced one counted as free) and needs no
+    refinement. ``history``: the backward errors of a probe's refinement (its length - 1
+    steps, at least one counted)."""
+    steps = max(1, len(history) - 1)
+    return steps * 2 * m * dk * dk <= dk**3 / 3
+
+
 def _refined_solve(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -453,6 +463,12 @@ def _refined_solve(
             if not converged(history, A.shape[0]):
                 failures.append(f"{p}: refinement backward errors {history.tolist()}")
                 continue
+            if "fp64" in precisions and not refinement_pays(A.shape[0], B.shape[1], history):
+                # Converges, but refining every column costs more than a float64 factor.
+                return _refined_solve(
+                    A, B, ("fp64",), auto=False, what=what, refine_steps=refine_steps,
+                    block_size=block_size, use_ext=use_ext,
+                )  # fmt: skip
             steps = refine_steps  # chosen: the whole right-hand side gets the full budget
         X, history = cholesky_solve(L, B, A, None, steps, use_ext=use_ext)
         if converged(history, A.shape[0]):
@@ -639,13 +655,12 @@ class LayerSolver:
         """The precisions to refactor at for ``m`` right-hand sides. ``auto`` skips the
         reduced precision it chose where its refinement would cost more than it saves: each
         step's float64 residual costs ``2 dk^2 m``, while a float64 factor costs ``dk^3 / 3``
-        (the reduced one counted as free) and needs no refinement. With the steps the probe
-        took, the reduced factor pays for ``m`` up to about ``dk / (6 steps)`` columns."""
+        (the reduced one counted as free) and needs no refinement (``refinement_pays``):
+        with the steps the probe took, up to about ``dk / (6 steps)`` columns."""
         ladder = _precision_ladder(self.precision, self.A.device)
         if self.auto and self.precision != "fp64":
             history = self.selection.get(self.precision)
-            steps = max(1, len(history) - 1) if isinstance(history, list) else 1
-            if steps * 2 * m * self.dk**2 > self.dk**3 / 3:
+            if not refinement_pays(self.dk, m, history if isinstance(history, list) else []):
                 return ("fp64",)
         return ladder
 

@@ -501,11 +501,20 @@ def test_candidate_precisions_by_device(capability, expected, monkeypatch):
 
 
 @pytest.mark.parametrize("use_ext", PATHS)
-@pytest.mark.parametrize("cond,chosen", [(1e2, "fp32"), (1e7, "fp64")])
-def test_auto_solve_tries_candidates_on_a_probe_first(use_ext, cond, chosen, monkeypatch):
+@pytest.mark.parametrize(
+    "cond,m,chosen",
+    [
+        (1e2, 12, "fp32"),  # converges on the probe, and refining 12 columns pays
+        (1e2, 200, "fp64"),  # converges, but refining 200 columns costs more than fp64
+        (1e7, 12, "fp64"),  # does not converge
+    ],
+)
+def test_auto_solve_tries_candidates_on_a_probe_first(use_ext, cond, m, chosen, monkeypatch):
     """``auto`` with a wide right-hand side: each candidate precision is refined on a few
-    probe columns; only the chosen one solves all the columns, to float64 accuracy."""
-    n, m = 200, 64
+    probe columns; only the chosen one solves all the columns, to float64 accuracy. A
+    precision whose refinement of every column would cost more than a float64 factor is
+    passed over (``refinement_pays``)."""
+    n = 600
     C, K = spd(n, cond), rhs(n, m, scale=1e-3)
     monkeypatch.setattr(la, "candidate_precisions", lambda device: ("fp32", "fp64"))
     widths = []
