@@ -92,6 +92,32 @@ def test_engine_on_device_matches_the_cpu_reference(make, kernel_calls):
         assert "torch_lowrank_update" in kernel_calls
 
 
+def test_update_order_on_device_matches_the_cpu_reference(monkeypatch):
+    """The update order on the device (the solve for dW^T, written by dense_update: the
+    Triton add kernel on CUDA) against the independent float64 reference on the CPU."""
+    tok = make_tokenizer()
+    cfg = config(early_stop_loss=0.0, solve_order="update")
+    model_ref, model = make_gpt2(), make_gpt2().to(DEVICE)
+    ed = Editor(model, tok, cfg, corpus=list(CORPUS))
+    ed.key_stats()
+    ref_c = {l: ref_stats(model_ref, tok, l, CORPUS, cfg.stats_max_length) for l in cfg.layers}
+    targets = [(K, "torch_dense_update")]
+    if K.triton_available():
+        import memit_fast.kernels.update as upd
+
+        targets.append((upd, "triton_dense_update"))
+    calls = spy_calls(monkeypatch, targets)
+    res = ed.apply(REQUESTS)
+    _, _, dws_ref = ref_memit_config(model_ref, tok, REQUESTS, TEMPLATES, cfg, ref_c)
+    for l in cfg.layers:
+        I, D = res.factors[l]
+        assert torch.equal(I.cpu(), torch.eye(I.shape[0]))
+        assert rel(D.T, dws_ref[l]) <= 1e-3, l
+    for (n1, p1), (_, p2) in zip(model.named_parameters(), model_ref.named_parameters()):
+        assert rel(p1, p2) <= 1e-3, n1
+    assert calls == (["triton_dense_update"] * 2 if ON_CUDA else ["torch_dense_update"] * 2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_model_on_device(dtype):
     """A 16-bit model on the device: bad input rejected with nothing written; the edit
