@@ -3,7 +3,10 @@
 ``U = (lambda C + K K^T)^-1 K`` and ``W += R U^T``. The system matrix is factored once per
 layer (Cholesky, in mixed precision), the factor is updated when keys are added, and
 every solve is refined against the exact float64 matrix, so ``U`` is float64-accurate
-whatever precision the factor was computed in.
+whatever precision the factor was computed in. The matrix is symmetric, so the update is
+also ``((lambda C + K K^T)^-1 K R^T)^T``: ``LayerSolver.solve(K, B)`` takes any right-hand
+side, and the engine solves for the ``dh`` columns of ``K R^T`` when there are more keys
+(``EditConfig.solve_order``).
 
 Each op has a plain torch reference of the same signature (``torch_cholesky`` beside
 ``cholesky`` …). The dispatching functions use the C++/CUDA extension ``memit_fast._C``
