@@ -402,17 +402,16 @@ OUTER_PANEL = 1024
 def add_outer(A: torch.Tensor, K: torch.Tensor, panel: int = OUTER_PANEL) -> torch.Tensor:
     """``A + K K^T`` for a symmetric ``A (dk, dk)`` and ``K (dk, n)``, as a new tensor in
     ``A``'s dtype, with about half the flops of ``torch.addmm``: only the products on and
-    below the diagonal are computed, one column panel at a time, and mirrored above it."""
+    below the diagonal are computed, one column panel at a time, and the lower triangle is
+    mirrored above it (``kernels.covariance_finalize``, as for the key statistics)."""
+    from memit_fast.kernels import covariance_finalize
+
     M = A.clone()
     dk = A.shape[0]
     for j in range(0, dk, panel):
         jb = min(panel, dk - j)
-        col = M[j:, j : j + jb]
-        col.addmm_(K[j:], K[j : j + jb].T)
-        diag = col[:jb]  # computed whole: made exactly symmetric from its lower triangle
-        diag.copy_(diag.tril() + diag.tril(-1).T)
-        if j + jb < dk:
-            M[j : j + jb, j + jb :] = col[jb:].T
+        M[j:, j : j + jb].addmm_(K[j:], K[j : j + jb].T)
+    covariance_finalize(M)
     return M
 
 
