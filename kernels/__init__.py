@@ -107,15 +107,21 @@ def _gemm_panels(device: torch.device) -> bool:
     return mm_has_out_dtype(device.type)
 
 
+def _weight_on_triton(W: torch.Tensor, *operands: torch.Tensor) -> bool:
+    """Whether a write into the weight ``W`` goes to a Triton kernel: a kernel dtype, row-
+    or column-contiguous, and every tensor on a device the kernels serve."""
+    return (
+        W.dtype in _KERNEL_DTYPES
+        and (W.stride(1) == 1 or W.stride(0) == 1)
+        and uses_triton(W, *operands)
+    )
+
+
 def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
     """``W += R U^T`` in place, accumulated in fp32 and rounded once into ``W.dtype``.
     ``W (dh, dk)``, or ``(dk, dh)`` when ``transposed`` (GPT-2's ``Conv1D``); ``R (dh, n)``;
     ``U (dk, n)`` (any float dtype; float64 goes in as fp32)."""
-    if (
-        W.dtype in _KERNEL_DTYPES
-        and (W.stride(1) == 1 or W.stride(0) == 1)
-        and uses_triton(W, R, U)
-    ):
+    if _weight_on_triton(W, R, U):
         from .update import triton_lowrank_update
 
         triton_lowrank_update(W, R, U, transposed)
@@ -126,7 +132,7 @@ def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed
 def dense_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
     """``W += D^T`` in place (``W += D`` when ``transposed``), in fp32 and rounded once into
     ``W.dtype``; ``D (dk, dh)`` any float dtype. One memory-bound pass (Triton on CUDA)."""
-    if W.dtype in _KERNEL_DTYPES and (W.stride(1) == 1 or W.stride(0) == 1) and uses_triton(W, D):
+    if _weight_on_triton(W, D):
         from .update import triton_dense_update
 
         triton_dense_update(W, D, transposed)
@@ -148,11 +154,7 @@ def fused_solve_update(
     ``K R^T``; ``"auto"`` takes whichever has fewer right-hand sides. The Triton path
     solves in fp32 (bf16x6 tensor-core GEMMs): an opt-in fast path, not the engine's default
     float64 solve."""
-    if (
-        W.dtype in _KERNEL_DTYPES
-        and (W.stride(1) == 1 or W.stride(0) == 1)
-        and uses_triton(W, L, K, R)
-    ):
+    if _weight_on_triton(W, L, K, R):
         from .update import triton_fused_solve_update
 
         triton_fused_solve_update(W, L, K, R, transposed, order=order)

@@ -207,7 +207,7 @@ def torch_fused_solve_update(
     check_solve_args(W, L, K, R, transposed)
     if solve_order(order, R.shape[0], K.shape[1]) == "update":
         D = torch.cholesky_solve(K.to(L.dtype) @ R.to(L.dtype).T, L).to(torch.float32)
-        W.copy_((W.to(torch.float32) + (D if transposed else D.T)).to(W.dtype))
+        torch_dense_update(W, D, transposed)
         return
     U = torch.cholesky_solve(K.to(L.dtype), L)
     torch_lowrank_update(W, R, U, transposed)
