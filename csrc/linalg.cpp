@@ -495,8 +495,9 @@ at::Tensor update_by_cholesky(at::Tensor Lp, at::Tensor X, int64_t nb, const cha
 // (the sum vanishes on block J's rows and above). Every C_J and G_J comes from a few
 // batched calls over all blocks at once; what stays sequential is three GEMMs per block
 // column, so on a GPU there is no per-panel factorization and no host sync. Cost
-// ~3 n^2 k + n^2 nb + 2 n k^2; it is meant for few keys (k below the block width). Its backward error grows with ||X X^T|| / ||L L^T|| (L L^T is
-// recovered from products larger than itself), which is why "auto" checks it.
+// ~3 n^2 k + n^2 nb + 2 n k^2; it is meant for few keys (k below the block width). Its
+// backward error grows with ||X X^T|| / ||L L^T|| (L L^T is recovered from products
+// larger than itself), which is why "auto" checks it.
 at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t nb) {
   const int64_t n = Ld.size(0), k = Xd.size(1);
   // Blocks at least k wide: the k x k factors per block then take O(n k) memory, not

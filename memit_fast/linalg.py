@@ -661,8 +661,8 @@ class LayerSolver:
         with the steps the probe took, up to about ``dk / (6 steps)`` columns."""
         ladder = _precision_ladder(self.precision, self.A.device)
         if self.auto and self.precision != "fp64":
-            history = self.selection.get(self.precision)
-            if not refinement_pays(self.dk, m, history if isinstance(history, list) else []):
+            # (auto chose it after its probe: selection holds that refinement's history)
+            if not refinement_pays(self.dk, m, self.selection[self.precision]):
                 return ("fp64",)
         return ladder
 
