@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole measurement on a lent GPU (H100/H200), in one command and about 10 minutes:
 # build the extension, run the GPU tests, then every benchmark (edit, statistics,
-# covariance, update, linalg), and plot. CSV + markdown + PNG go to $OUT, or to
+# covariance, update, linalg), the verdict on each issue target (targets.py), and plot.
+# CSV + markdown + PNG go to $OUT, or to
 # benchmarks/results/ when $OUT is unset.
 #
 #   bash benchmarks/gpu_suite.sh                 # the real run (needs torch with CUDA)
@@ -63,6 +64,7 @@ LOG=$RESULTS/suite.log
 MD=$RESULTS/suite.md
 STEPS=$RESULTS/.steps.txt
 START=$(date +%s)
+START_ISO=$(date -u +%Y-%m-%dT%H:%M:%S+00:00)   # targets.py reads this run's rows only
 FAILED=()
 : > "$STEPS"
 
@@ -255,7 +257,10 @@ else
   fi
 fi
 
-# 4. Plots from every CSV in the results folder.
+# 4. The issues' GPU targets from this run's rows (met / missed / not measured), then plots
+#    from every CSV in the results folder.
+if [ $DRY = 1 ]; then TARGET_DEVICE=(--device "$DEVICE"); else TARGET_DEVICE=(); fi
+bench_nomd targets.py 30 --results "$RESULTS" --since "$START_ISO" "${TARGET_DEVICE[@]}"
 step "plot" 60 "$PYTHON" benchmarks/plot.py --results "$RESULTS" --out "$RESULTS"
 
 {

@@ -35,6 +35,9 @@ def test_gpu_suite_dry_run(tmp_path):
     md = (tmp_path / "suite.md").read_text()
     assert "published/fast" in md  # the side-by-side table of bench_edit.py
     assert "FAILED" not in md
+    # The targets' verdicts, from this run's rows: the dry run's sizes are not the targets'.
+    assert "### targets.py" in md and "| rank-n factor update vs refactoring | 5 |" in md
+    assert "not measured" in md
     rows = (tmp_path / "edit.csv").read_text().splitlines()
     for arch in ("llama-2-7b-tiny", "gpt-j-6b-tiny", "gpt2-xl-tiny"):
         assert any(arch in r and ",ratio," in r for r in rows), arch
