@@ -7,8 +7,9 @@
 For each target it takes, per device, the latest row of every (variant, metric) at its size
 (rows at or after ``--since`` only), keeps the variants whose accuracy check holds, and
 reports the best of them against the threshold. The fastest variant that failed its
-accuracy check is named beside it, so a speed bought with accuracy is visible but never
-counted. A target without rows at its size is "not measured": nothing is extrapolated.
+accuracy check (or had no row to check it by) is named beside it, so a speed bought with
+accuracy is visible but never counted. A target without rows at its size is "not
+measured": nothing is extrapolated.
 
 The targets (issue 4: Triton kernels; issue 5: the C++/CUDA extension):
 
@@ -18,10 +19,11 @@ The targets (issue 4: Triton kernels; issue 5: the C++/CUDA extension):
 - the fused solve/update at dk 16,384, dh 4,096, n 10,000: at least 1.5x the torch chain,
   with an error of the written update at most 1.1x the chain's (``validation_rel_err``);
 - the layer solve at dk 16,384, n 10,000: at least 3x float64 ``torch.linalg.solve``, within
-  1e-10 of the float64 solution (``layer_solve``; the layer's whole update in the update
+  1e-10 of the float64 solution or, where that solution's own error is larger, with a
+  backward error at float64 level (``layer_solve``; the layer's whole update in the update
   order, ``layer_delta`` against ``published_delta``, beside it);
 - the rank-n factor update at dk 16,384, n 100: at least 5x refactoring, equal to the
-  refactored factor within 1e-6 (``rel_diff_refactor``, where the row has it).
+  refactored factor within 1e-6 (``rel_diff_refactor``).
 
 Exit status 0 whatever the verdicts (``--strict``: 1 unless every target is met).
 """
@@ -65,8 +67,32 @@ def _at_most(metric: str, bound: float) -> Callable[[str, Rows], str | None]:
     def check(variant: str, rows: Rows) -> str | None:
         got = rows[variant].get(metric)
         if got is None:
-            return None if metric == "rel_diff_refactor" else f"no {metric} row"
+            return f"no {metric} row"
         return None if got[0] <= bound else f"{metric} {got[0]:.3g} > {bound:.3g}"
+
+    return check
+
+
+def _float64_accurate(baseline: str) -> Callable[[str, Rows], str | None]:
+    """Within 1e-10 of the published float64 solve, or, where that solve's own error is
+    larger (a condition number near 1e7 makes two float64 solves differ by ~1e-10), a
+    normwise backward error at float64 level: at most twice the published solve's, or the
+    unit roundoff 2^-53."""
+
+    def check(variant: str, rows: Rows) -> str | None:
+        diff = rows[variant].get("rel_diff_fp64")
+        if diff is None:
+            return "no rel_diff_fp64 row"
+        if diff[0] <= 1e-10:
+            return None
+        why = f"rel_diff_fp64 {diff[0]:.3g} > 1e-10"
+        mine, ref = rows[variant].get("bwd_err"), rows.get(baseline, {}).get("bwd_err")
+        if mine is None or ref is None:
+            return why + " (no bwd_err rows)"
+        bound = max(2.0 * ref[0], 2.0**-53)
+        if mine[0] <= bound:
+            return None
+        return why + f", bwd_err {mine[0]:.3g} > {bound:.3g}"
 
     return check
 
@@ -100,12 +126,12 @@ TARGETS = [
     Target(
         5, "refined layer solve vs float64 torch.linalg.solve", "bench_linalg", "dk=16384",
         "10000", "speedup", 3.0, lambda v: v.startswith("layer_solve"),
-        _at_most("rel_diff_fp64", 1e-10),
+        _float64_accurate("published"),
     ),
     Target(
         5, "layer update in the update order vs published (solve, then R U^T)",
         "bench_linalg", "dk=16384", "10000", "speedup", 3.0, lambda v: v == "layer_delta",
-        _at_most("rel_diff_fp64", 1e-10),
+        _float64_accurate("published_delta"),
     ),
     Target(
         5, "rank-n factor update vs refactoring", "bench_linalg", "dk=16384", "100",
@@ -154,8 +180,9 @@ class Verdict:
 
     @property
     def status(self) -> str:
+        """met; missed (too slow, or no variant accurate enough); not measured (no rows)."""
         if self.value is None:
-            return "not measured"
+            return "missed" if self.rejected else "not measured"
         return "met" if self.value >= self.target.threshold else "missed"
 
 
@@ -201,7 +228,7 @@ def verdicts(results: Path, devices: list[str] | None, since: datetime | None) -
 def markdown(vs: list[Verdict]) -> str:
     lines = [
         "| device | issue | target | threshold | measured | best variant | verdict |"
-        " faster but not accurate enough |",
+        " faster, not counted (why) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for v in vs:

@@ -61,4 +61,13 @@ def test_bench_linalg_runs_every_update_method_and_the_update_order(tmp_path):
     assert delta and {r[3] for r in delta} == {"100"}
     diffs = [float(r[6]) for r in delta if r[5] == "rel_diff_fp64"]
     assert diffs and max(diffs) <= 1e-10
+    # Every solution, the published one's too, has a float64-level backward error; the
+    # updated factors equal the refactored one.
+    bwd = {(r[3], r[4]): float(r[6]) for r in rows if r[5] == "bwd_err"}
+    for n in ("8", "100"):
+        for variant in ("published", "layer_solve", "layer_solve_fp64", "memit_solve"):
+            assert bwd[(n, variant)] <= 2.0**-52, (n, variant)
+    assert bwd[("100", "layer_delta")] <= 2.0**-52 and ("8", "layer_delta") not in bwd
+    ref = [float(r[6]) for r in rows if r[5] == "rel_diff_refactor"]
+    assert len(ref) == 2 * (1 + 3 * 2) and max(ref) <= 1e-10  # (n) x ("update" + 3 x 2)
     assert (tmp_path / "bench_linalg.csv").is_file()
