@@ -315,3 +315,18 @@ def test_import_does_not_touch_the_gpu():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_phase_clock_waits_for_every_initialized_cuda_device(monkeypatch):
+    """Phase timings wait for queued CUDA work (else it is billed to the next phase that
+    waits), on every device of a split model, and never initialize CUDA themselves."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: calls.append(i))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    editor_mod._clock()
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    t = editor_mod._clock()
+    assert calls == [0, 1] and isinstance(t, float)
