@@ -485,6 +485,9 @@ class Editor:
         timings["keys"] = 0.0
         timings["solve"] = 0.0
         timings["update"] = 0.0
+        # The fused solve/update's rule for what the solve is for (the keys, or dW^T).
+        from memit_fast.kernels.reference import solve_order
+
         try:
             for j, l in enumerate(layers):
                 tick = _clock()
@@ -509,7 +512,7 @@ class Editor:
                     solver = self._solver(l, C)
                     dh = R.shape[0]
                     try:
-                        if c.solve_order == "update" or (c.solve_order == "auto" and dh < n):
+                        if solve_order(c.solve_order, dh, n) == "update":
                             # dW^T = A^-1 (K R^T): dh right-hand sides instead of n; the
                             # factors become (I, dW^T).
                             K64 = K.to(C.device, torch.float64)
