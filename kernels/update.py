@@ -41,7 +41,13 @@ import triton
 import triton.language as tl
 
 from ._launch import KernelConfig, Launch, arch_of, fp32_dot_precision
-from .reference import check_dense_args, check_solve_args, check_update_args, solve_order
+from .reference import (
+    check_dense_args,
+    check_solve_args,
+    check_update_args,
+    solve_order,
+    torch_dense_update,
+)
 
 # (arch family, operand kind) -> tile config of W += P Q^T.
 LOWRANK_CONFIGS: dict[tuple[int, str], KernelConfig] = {
@@ -566,7 +572,7 @@ def triton_fused_solve_update(
         for st in steps:
             run_split_step(st)
         if plan.order == "update":
-            W.add_(plan.result if transposed else plan.result.T)  # fp32 add, rounded once
+            torch_dense_update(W, plan.result, transposed)  # fp32 add, rounded once
         else:
             split_lowrank_update(W, R, plan.result, transposed)
         return
