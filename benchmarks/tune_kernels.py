@@ -26,6 +26,7 @@ from benchmarks.harness import (  # noqa: E402
     device_name,
     make_row,
     markdown_table,
+    synchronize,
     time_fn,
 )
 
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 run_cfg(c)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(dev)
                 err = check()
                 tm = time_fn(lambda c=c: run_cfg(c), dev)
             except Exception as e:  # a config that does not compile or fit is data here
