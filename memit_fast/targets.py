@@ -363,6 +363,16 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
     return cache, mask
 
 
+def _release_layers(cache, n: int) -> None:
+    """Free the prefix keys/values of blocks ``0 … n-1``: once block L's output is taken,
+    the steps run only the blocks after it, so only their layers of the cache are read
+    (with L = 8 of 32 that is 28 % of the cache per chunk). The freed layers keep empty
+    tensors of their dtype and device, not views (a view would keep the storage alive)."""
+    for lay in cache.layers[:n]:
+        lay.keys = lay.keys.new_empty((*lay.keys.shape[:-2], 0, lay.keys.shape[-1]))
+        lay.values = lay.values.new_empty((*lay.values.shape[:-2], 0, lay.values.shape[-1]))
+
+
 # ----------------------------------------------------------------------------- groups
 
 
@@ -414,6 +424,8 @@ class _Group:
                     pass
         self.hidden_L = grabbed["h"]
         self.kl_init: torch.Tensor | None = None
+        if cache is not None:
+            _release_layers(cache, L + 1)
         self.cache = cache  # kept alive: the runner's captured arguments refer to it
         self._reqs = set(reqs)
 

@@ -94,12 +94,14 @@ def test_prefix_reuse_equals_whole_sequence_recompute(make, monkeypatch):
     tok, model = make_tokenizer(), make()
     probe = Editor(model, tok, config(), stats={l: torch.eye(8) for l in (1, 2)})
     prepared = probe.prepare(normalize_requests(REQUESTS), TEMPLATES)
-    made = []
+    made, caches = [], []
     real = targets_mod._frozen_prefix_cache
 
     def counting(*a, **k):
         c = real(*a, **k)
         made.append(c is not None)
+        if c is not None:
+            caches.append(c[0])
         return c
 
     monkeypatch.setattr(targets_mod, "_frozen_prefix_cache", counting)
@@ -121,6 +123,11 @@ def test_prefix_reuse_equals_whole_sequence_recompute(make, monkeypatch):
     assert made == []
     reused = run(True)
     assert made and all(made), made  # the prefix path ran, in one group or more
+    # Only the blocks after L = 1 read the cache during the steps; blocks 0 and 1 are freed.
+    for c in caches:
+        widths = [lay.keys.shape[-2] for lay in c.layers]
+        assert widths[:2] == [0, 0] and min(widths[2:]) > 0, widths
+        assert [lay.values.shape[-2] for lay in c.layers] == widths
     torch.testing.assert_close(reused.z, whole.z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reused.loss, whole.loss, rtol=1e-5, atol=1e-6)
     assert reused.steps.tolist() == whole.steps.tolist()
