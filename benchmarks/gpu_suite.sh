@@ -26,7 +26,9 @@
 # empty skips), STATS_MODEL (default llama-2-7b; empty skips), LINALG_DK / LINALG_N (default
 # 16384 / 100,10000), LINALG_UPDATE_BLOCKS / LINALG_UPDATE_METHODS (cholesky_update also
 # timed at these block widths, 0 the default, by these methods; default 0,128,256,1024 and
-# qr,chol,product; empty skips).
+# qr,chol,product; empty skips), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
+# these chunk sizes on this random architecture; default llama-2-7b / 32,64,128,256; empty
+# skips).
 # Every step runs under its own time limit; a failing step is reported and the suite goes
 # on; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -46,7 +48,7 @@ while [ $# -gt 0 ]; do
     --with-tests) WITH_TESTS=1 ;;
     --pack) PACK=1 ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -217,6 +219,8 @@ if [ $DRY = 1 ]; then
   bench_nomd bench_covariance.py 30 --device "$DEVICE" --small --small-d 64 --small-t 256
   bench_nomd bench_update.py 30 --device "$DEVICE" --small --small-dk 64 --small-dh 32 --small-n 8
   bench_nomd bench_linalg.py 30 --device "$DEVICE" --dk 64 --n 8 --rep 1
+  bench bench_targets.py 60 --model llama-2-7b --tiny --device "$DEVICE" --n 4 --chunks 2,4 \
+    --steps 2 --threads 1
   if [ $WITH_TESTS = 1 ]; then
     wait_build
     run_tests "gpu tests extension and engine" 120 $EXT_TESTS
@@ -236,6 +240,12 @@ else
   bench_nomd bench_linalg.py 120 --device cuda --dk "${LINALG_DK:-16384}" \
     --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-0,128,256,1024}" \
     --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}"
+  # The target phase by chunk size: does a larger chunk pay on this device, and what does a
+  # request cost in memory (the engine's default chunk is 32)?
+  if [ -n "${TARGETS_MODEL-llama-2-7b}" ]; then
+    bench bench_targets.py 100 --model "${TARGETS_MODEL-llama-2-7b}" --device cuda \
+      --dtype bfloat16 --n 256 --chunks "${TARGETS_CHUNKS:-32,64,128,256}" --steps 5 --budget-s 85
+  fi
   if [ "${TUNE_S:-90}" -gt 0 ]; then
     bench_nomd tune_kernels.py $(( ${TUNE_S:-90} + 30 )) --budget-s "${TUNE_S:-90}"
   fi

@@ -71,3 +71,36 @@ def test_bench_linalg_runs_every_update_method_and_the_update_order(tmp_path):
     ref = [float(r[6]) for r in rows if r[5] == "rel_diff_refactor"]
     assert len(ref) == 2 * (1 + 3 * 2) and max(ref) <= 1e-10  # (n) x ("update" + 3 x 2)
     assert (tmp_path / "bench_linalg.csv").is_file()
+
+
+def _bench_targets():
+    sys.path.insert(0, str(ROOT))
+    import benchmarks.bench_targets as bt
+
+    return bt
+
+
+def test_bench_targets_times_each_chunk_size_and_checks_the_vectors(tmp_path, monkeypatch):
+    bt = _bench_targets()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    args = ["--model", "llama-2-7b", "--tiny", "--device", "cpu", "--n", "5", "--chunks", "2,5",
+            "--steps", "2", "--md", str(tmp_path / "t.md")]  # fmt: skip
+    assert bt.main(args) == 0
+    rows = (tmp_path / "targets_chunk.csv").read_text().splitlines()
+    for chunk in (2, 5):
+        got = {r.split(",")[9]: float(r.split(",")[10]) for r in rows if f",chunk={chunk}," in r}
+        assert got["seconds"] > 0 and got["requests_per_s"] > 0, got
+        assert got["z_rel_diff"] <= 1e-4 and got["oom_halvings"] == 0, got
+    assert "| 5 |" in (tmp_path / "t.md").read_text()
+
+    # Vectors that differ between chunk sizes fail the run.
+    real = bt.compute_targets
+
+    def skewed(model, adapter, prepared, settings, pad, chunk):
+        tr = real(model, adapter, prepared, settings, pad, chunk)
+        if chunk == 5:
+            tr.z.mul_(1.01)
+        return tr
+
+    monkeypatch.setattr(bt, "compute_targets", skewed)
+    assert bt.main([*args[:-2], "--no-save"]) == 1

@@ -1,0 +1,217 @@
+"""The target phase alone, at several chunk sizes (``EditConfig.target_chunk_size``).
+
+The target vectors dominate an edit of a large model (on the H200, llama-2-7b: 15.0 of 27.1 s
+for 100 requests at chunks of 64). Each Adam step runs the blocks after the edited layer on
+every sequence of the chunk, so a chunk too small leaves an accelerator under-filled and a
+chunk too large runs out of memory (the engine then halves it). This script measures, per
+chunk size, the wall time per request and step, the requests per second, and the peak
+memory per request of the phase, with every request running every step (no early stop):
+
+    python benchmarks/bench_targets.py --model llama-2-7b --device cuda --dtype bfloat16 \\
+        --n 256 --chunks 32,64,128,256 --steps 5
+    python benchmarks/bench_targets.py --model llama-2-7b --tiny --n 8 --chunks 2,4,8   # CPU
+
+Models: the published architectures with random weights (``bench_edit.random_model``),
+synthetic requests. The vectors of every chunk size are compared with the first's (the
+same optimization, batched differently: they agree up to rounding); a difference above
+``--tol`` fails the run. A chunk halved by an out-of-memory error is reported as such.
+
+Rows go to ``targets_chunk.csv``: ``s_per_request_step`` (ms), ``requests_per_s``,
+``peak_bytes_per_request`` (the phase's peak above what it started with, over the chunk
+size: allocated CUDA memory, or on the CPU the process's resident set),
+``speed_vs_first`` (x) and ``z_rel_diff`` (vs the first chunk size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_edit import (  # noqa: E402
+    DTYPES,
+    PeakMemory,
+    random_model,
+    synthetic_requests,
+)
+from benchmarks.harness import (  # noqa: E402
+    append_rows,
+    device_name,
+    make_row,
+    markdown_table,
+    synchronize,
+)
+from memit_fast import Editor, auto_config  # noqa: E402
+from memit_fast.data import normalize_requests  # noqa: E402
+from memit_fast.keys import pad_id  # noqa: E402
+from memit_fast.targets import TargetSettings, compute_targets  # noqa: E402
+
+MODELS = ("llama-2-7b", "gpt-j-6b", "gpt2-xl")
+
+
+class _HalvingLog(logging.Handler):
+    """Counts the engine's out-of-memory warnings (a chunk halved)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        if "out of memory" in record.getMessage():
+            self.count += 1
+
+
+def _rss() -> int:
+    """The process's resident set now (bytes); 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-2-7b", choices=MODELS)
+    ap.add_argument("--tiny", action="store_true", help="miniature random architecture")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    ap.add_argument("--n", type=int, default=256, help="requests")
+    ap.add_argument("--chunks", default="32,64,128,256", help="chunk sizes, comma-separated")
+    ap.add_argument("--steps", type=int, default=5, help="Adam steps (every request runs all)")
+    ap.add_argument("--tol", type=float, default=None,
+                    help="largest relative difference of the vectors from the first chunk "
+                         "size's (default 1e-4 in fp32, 5e-2 in 16-bit)")  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip a chunk size whose predicted time overruns this")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--csv", default="targets_chunk")
+    ap.add_argument("--md", default=None, help="append the table to this markdown file")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[dtype_name]
+    tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 5e-2)
+    chunks = [int(x) for x in args.chunks.split(",") if x]
+    if not chunks or min(chunks) < 1:
+        ap.error("--chunks needs sizes >= 1")
+
+    model, tok = random_model(args.model, dtype, device, args.tiny)
+    cfg = auto_config(model, steps=args.steps, early_stop_loss=-1.0)
+    editor = Editor(model, tok, cfg)
+    with torch.no_grad():
+        templates = editor.context_templates()
+    prepared = editor.prepare(normalize_requests(synthetic_requests(args.n)), templates)
+    L = cfg.layers[-1]
+    settings = TargetSettings(
+        layer=L,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        clamp_norm_factor=cfg.clamp_norm_factor,
+        weight_decay=cfg.weight_decay,
+        kl_factor=cfg.kl_factor,
+        early_stop_loss=cfg.early_stop_loss,
+        sync_every=cfg.sync_every,
+    )
+    pad = pad_id(tok)
+    label = args.model + ("-tiny" if args.tiny else "") + "-random"
+    dev_label = device_name(device)
+    shape = f"layer={L};steps={cfg.steps};templates={len(templates)};n={args.n}"
+    common = dict(
+        benchmark="targets_chunk", model=label, dtype=dtype_name, device=dev_label, shape=shape
+    )
+    print(f"# {label} on {dev_label}, {dtype_name}; {shape}", flush=True)
+
+    # Warm-up: kernels compiled and caches filled outside the timed runs.
+    compute_targets(model, editor.adapter, prepared[: min(4, args.n)], settings, pad, 4)
+    synchronize(device)
+
+    halving = _HalvingLog()
+    logging.getLogger("memit_fast").addHandler(halving)
+    rows, table = [], []
+    first = None  # (seconds, z) of the first chunk size
+    last_s = None
+    failed = False
+    for chunk in chunks:
+        elapsed = time.perf_counter() - t_start
+        if args.budget_s is not None and last_s is not None and elapsed + last_s > args.budget_s:
+            print(f"SKIP chunk {chunk}: predicted {last_s:.0f} s overruns the budget", flush=True)
+            break
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        mem = PeakMemory(device)
+        mem.reset()
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
+        halving.count = 0
+        tick = time.perf_counter()
+        tr = compute_targets(model, editor.adapter, prepared, settings, pad, chunk)
+        synchronize(device)
+        secs = time.perf_counter() - tick
+        peak = mem.peak() - base
+        last_s = secs
+        z = tr.z.detach().double().cpu()
+        if not bool(torch.isfinite(z).all()):
+            print(f"FAIL chunk {chunk}: non-finite target vectors", flush=True)
+            failed = True
+        if first is None:
+            first = (secs, z)
+        diff = float((z - first[1]).norm() / first[1].norm().clamp_min(1e-30))
+        if diff > tol:
+            print(f"FAIL chunk {chunk}: vectors differ from chunk {chunks[0]}'s by {diff:.3g}")
+            failed = True
+        used = min(chunk, args.n)
+        values = {
+            "seconds": (secs, "s"),
+            "s_per_request_step": (1e3 * secs / (args.n * cfg.steps), "ms"),
+            "requests_per_s": (args.n / secs, "requests/s"),
+            "peak_bytes_per_request": (peak / used, f"bytes ({mem.kind})"),
+            "speed_vs_first": (first[0] / secs, "x"),
+            "z_rel_diff": (diff, "ratio"),
+            "oom_halvings": (halving.count, "count"),
+        }
+        for metric, (value, unit) in values.items():
+            row = dict(n=args.n, variant=f"chunk={chunk}", metric=metric, value=value, unit=unit)
+            rows.append(make_row(**row, **common))
+        table.append(
+            {
+                "chunk": chunk,
+                "s": round(secs, 3),
+                "ms / request / step": round(1e3 * secs / (args.n * cfg.steps), 3),
+                "requests/s": round(args.n / secs, 2),
+                "peak MiB / request": round(peak / used / 2**20, 1),
+                "vs first": round(first[0] / secs, 2),
+                "z rel. diff": f"{diff:.2e}",
+                "halved (OOM)": halving.count,
+            }
+        )
+        print(f"chunk {chunk}: {secs:.2f} s, {peak / used / 2**20:.1f} MiB/request", flush=True)
+        del tr
+    logging.getLogger("memit_fast").removeHandler(halving)
+    if rows and not args.no_save:
+        print(f"appended {len(rows)} rows to {append_rows(args.csv, rows)}")
+    md = f"### target phase by chunk size — {label}, {dev_label}, {dtype_name}\n\n{shape}\n\n"
+    md += markdown_table(table, list(table[0]) if table else ["chunk"])
+    print(md, flush=True)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write(md + "\n\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
