@@ -3,7 +3,10 @@
 The target vectors dominate an edit of a large model (on the H200, llama-2-7b: 15.0 of 27.1 s
 for 100 requests at chunks of 64). Each Adam step runs the blocks after the edited layer on
 every sequence of the chunk, so a chunk too small leaves an accelerator under-filled and a
-chunk too large runs out of memory (the engine then halves it). This script measures, per
+chunk too large runs out of memory (the engine then halves it). A step also has a fixed
+cost: with the layout of llama-2-7b (23 blocks after layer 8, the rewriting and the KL
+sequences in two batches, as on an accelerator) it is about 7,000 top-level ATen calls
+whatever the chunk size (counted with ``torch.profiler`` on a miniature with 32 blocks). This script measures, per
 chunk size, the wall time per request and step, the requests per second, and the peak
 memory per request of the phase, with every request running every step (no early stop):
 
@@ -12,14 +15,15 @@ memory per request of the phase, with every request running every step (no early
     python benchmarks/bench_targets.py --model llama-2-7b --tiny --n 8 --chunks 2,4,8   # CPU
 
 Models: the published architectures with random weights (``bench_edit.random_model``),
-synthetic requests. The vectors of every chunk size are compared with the first's (the
-same optimization, batched differently: they agree up to rounding); a difference above
-``--tol`` fails the run. A chunk halved by an out-of-memory error is reported as such.
+synthetic requests. The optimized deltas (``z - h``) of every chunk size are compared with
+the first's (the same optimization, batched differently: they agree up to rounding, which
+Adam's normalized steps amplify in 16-bit); a difference above ``--tol`` fails the run. A
+chunk halved by an out-of-memory error is reported as such.
 
 Rows go to ``targets_chunk.csv``: ``s_per_request_step`` (ms), ``requests_per_s``,
 ``peak_bytes_per_request`` (the phase's peak above what it started with, over the chunk
 size: allocated CUDA memory, or on the CPU the process's resident set),
-``speed_vs_first`` (x) and ``z_rel_diff`` (vs the first chunk size).
+``speed_vs_first`` (x) and ``delta_rel_diff`` (vs the first chunk size).
 """
 
 from __future__ import annotations
@@ -90,8 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", default="32,64,128,256", help="chunk sizes, comma-separated")
     ap.add_argument("--steps", type=int, default=5, help="Adam steps (every request runs all)")
     ap.add_argument("--tol", type=float, default=None,
-                    help="largest relative difference of the vectors from the first chunk "
-                         "size's (default 1e-4 in fp32, 5e-2 in 16-bit)")  # fmt: skip
+                    help="largest relative difference of the optimized deltas from the first "
+                         "chunk size's (default 1e-4 in fp32, 0.1 in 16-bit)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip a chunk size whose predicted time overruns this")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = DTYPES[dtype_name]
-    tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 5e-2)
+    tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 0.1)
     chunks = [int(x) for x in args.chunks.split(",") if x]
     if not chunks or min(chunks) < 1:
         ap.error("--chunks needs sizes >= 1")
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
         secs = time.perf_counter() - tick
         peak = mem.peak() - base
         last_s = secs
-        z = tr.z.detach().double().cpu()
+        z = (tr.z - tr.h).detach().double().cpu()  # the optimized deltas
         if not bool(torch.isfinite(z).all()):
             print(f"FAIL chunk {chunk}: non-finite target vectors", flush=True)
             failed = True
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
             first = (secs, z)
         diff = float((z - first[1]).norm() / first[1].norm().clamp_min(1e-30))
         if diff > tol:
-            print(f"FAIL chunk {chunk}: vectors differ from chunk {chunks[0]}'s by {diff:.3g}")
+            print(f"FAIL chunk {chunk}: deltas differ from chunk {chunks[0]}'s by {diff:.3g}")
             failed = True
         used = min(chunk, args.n)
         values = {
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
             "requests_per_s": (args.n / secs, "requests/s"),
             "peak_bytes_per_request": (peak / used, f"bytes ({mem.kind})"),
             "speed_vs_first": (first[0] / secs, "x"),
-            "z_rel_diff": (diff, "ratio"),
+            "delta_rel_diff": (diff, "ratio"),
             "oom_halvings": (halving.count, "count"),
         }
         for metric, (value, unit) in values.items():
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
                 "requests/s": round(args.n / secs, 2),
                 "peak MiB / request": round(peak / used / 2**20, 1),
                 "vs first": round(first[0] / secs, 2),
-                "z rel. diff": f"{diff:.2e}",
+                "delta rel. diff": f"{diff:.2e}",
                 "halved (OOM)": halving.count,
             }
         )

@@ -90,7 +90,7 @@ def test_bench_targets_times_each_chunk_size_and_checks_the_vectors(tmp_path, mo
     for chunk in (2, 5):
         got = {r.split(",")[9]: float(r.split(",")[10]) for r in rows if f",chunk={chunk}," in r}
         assert got["seconds"] > 0 and got["requests_per_s"] > 0, got
-        assert got["z_rel_diff"] <= 1e-4 and got["oom_halvings"] == 0, got
+        assert got["delta_rel_diff"] <= 1e-4 and got["oom_halvings"] == 0, got
     assert "| 5 |" in (tmp_path / "t.md").read_text()
 
     # Vectors that differ between chunk sizes fail the run.

@@ -45,7 +45,7 @@ def test_gpu_suite_dry_run(tmp_path):
     # The target phase by chunk size (bench_targets.py): its table, and a row per chunk size.
     assert "### target phase by chunk size" in md
     chunk_rows = (tmp_path / "targets_chunk.csv").read_text()
-    assert "chunk=2,s_per_request_step" in chunk_rows and "chunk=4,z_rel_diff" in chunk_rows
+    assert "chunk=2,s_per_request_step" in chunk_rows and "chunk=4,delta_rel_diff" in chunk_rows
     for png in ("edit_time_vs_n.png", "edit_speedup.png", "stats_passes.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     # Nothing was written into the repository's own results folder.
