@@ -11,7 +11,7 @@ chunk size, the wall time per request and step, the requests per second, and the
 memory per request of the phase, with every request running every step (no early stop):
 
     python benchmarks/bench_targets.py --model llama-2-7b --device cuda --dtype bfloat16 \\
-        --n 256 --chunks 32,64,128,256 --steps 5
+        --n 256 --chunks 32,64,128,256 --steps 5 --profile 64
     python benchmarks/bench_targets.py --model llama-2-7b --tiny --n 8 --chunks 2,4,8   # CPU
 
 Models: the published architectures with random weights (``bench_edit.random_model``),
@@ -23,7 +23,11 @@ chunk halved by an out-of-memory error is reported as such.
 Rows go to ``targets_chunk.csv``: ``s_per_request_step`` (ms), ``requests_per_s``,
 ``peak_bytes_per_request`` (the phase's peak above what it started with, over the chunk
 size: allocated CUDA memory, or on the CPU the process's resident set),
-``speed_vs_first`` (x) and ``delta_rel_diff`` (vs the first chunk size).
+``speed_vs_first`` (x) and ``delta_rel_diff`` (vs the first chunk size). ``--profile C``
+then runs one chunk of ``C`` under ``torch.profiler``: ``device_busy_fraction`` (the
+kernels' time over the wall time: well below 1, a step is bound by the host's dispatch, and
+larger chunks or captured graphs are the remedy; near 1, by the kernels), top-level
+``aten_calls_per_step``, and the table of the ops with the most device time.
 """
 
 from __future__ import annotations
@@ -84,6 +88,45 @@ def _rss() -> int:
     return 0
 
 
+def _profile(model, adapter, prepared, settings, pad, device):
+    """``compute_targets`` on one chunk under ``torch.profiler`` (CPU, and CUDA where the
+    device is one); returns the profile and the wall seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=acts) as prof:
+        tick = time.perf_counter()
+        compute_targets(model, adapter, prepared, settings, pad, len(prepared))
+        synchronize(device)
+        secs = time.perf_counter() - tick
+    return prof, secs
+
+
+def _profile_summary(prof, device) -> tuple[float | None, int, str]:
+    """(seconds the device ran kernels, or None off CUDA; top-level ATen calls; the table of
+    the 20 ops with the most device time, or CPU time off CUDA)."""
+    events = prof.events()
+    calls = sum(
+        1
+        for e in events
+        if e.name.startswith("aten::")
+        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+    )
+    if device.type != "cuda":
+        return None, calls, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    avg = prof.key_averages()
+    attr = (
+        "self_device_time_total"
+        if hasattr(avg[0], "self_device_time_total")
+        else ("self_cuda_time_total")
+    )
+    # The kernels' own rows only: an operator's row also carries its kernels' time.
+    cuda = torch.autograd.DeviceType.CUDA
+    busy = sum(getattr(a, attr) for a in avg if a.device_type == cuda) / 1e6  # us -> s
+    return busy, calls, avg.table(sort_by=attr, row_limit=20)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-2-7b", choices=MODELS)
@@ -98,6 +141,9 @@ def main(argv=None) -> int:
                          "chunk size's (default 1e-4 in fp32, 0.1 in 16-bit)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip a chunk size whose predicted time overruns this")  # fmt: skip
+    ap.add_argument("--profile", type=int, default=0, metavar="CHUNK",
+                    help="then profile one chunk of this size (torch.profiler): the device's "
+                         "busy fraction of the wall time, ATen calls per step, the top ops")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--csv", default="targets_chunk")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
@@ -206,10 +252,30 @@ def main(argv=None) -> int:
         print(f"chunk {chunk}: {secs:.2f} s, {peak / used / 2**20:.1f} MiB/request", flush=True)
         del tr
     logging.getLogger("memit_fast").removeHandler(halving)
+    prof_md = ""
+    if args.profile and not failed:
+        chunk = min(args.profile, args.n)
+        prof, secs = _profile(model, editor.adapter, prepared[:chunk], settings, pad, device)
+        busy, calls, table_txt = _profile_summary(prof, device)
+        values = {"seconds": (secs, "s"), "aten_calls_per_step": (calls / cfg.steps, "calls")}
+        if busy is not None:
+            values["device_busy_fraction"] = (busy / secs, "ratio")
+        for metric, (value, unit) in values.items():
+            row = dict(n=chunk, variant=f"profile chunk={chunk}", metric=metric, value=value,
+                       unit=unit)  # fmt: skip
+            rows.append(make_row(**row, **common))
+        busy_txt = "not recorded (no device)" if busy is None else f"{busy / secs:.2f} of the wall"
+        prof_md = (
+            f"\n\nProfile of one chunk of {chunk} ({cfg.steps} steps, {secs:.2f} s): device busy "
+            f"{busy_txt}; {calls / cfg.steps:.0f} top-level ATen calls per step (setup "
+            f"included).\n\n```\n{table_txt}\n```"
+        )
+        print(prof_md, flush=True)
     if rows and not args.no_save:
         print(f"appended {len(rows)} rows to {append_rows(args.csv, rows)}")
     md = f"### target phase by chunk size — {label}, {dev_label}, {dtype_name}\n\n{shape}\n\n"
     md += markdown_table(table, list(table[0]) if table else ["chunk"])
+    md += prof_md
     print(md, flush=True)
     if args.md:
         with open(args.md, "a") as f:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,14 +85,17 @@ def test_bench_targets_times_each_chunk_size_and_checks_the_vectors(tmp_path, mo
     bt = _bench_targets()
     monkeypatch.setenv("OUT", str(tmp_path))
     args = ["--model", "llama-2-7b", "--tiny", "--device", "cpu", "--n", "5", "--chunks", "2,5",
-            "--steps", "2", "--md", str(tmp_path / "t.md")]  # fmt: skip
+            "--steps", "2", "--profile", "3", "--md", str(tmp_path / "t.md")]  # fmt: skip
     assert bt.main(args) == 0
     rows = (tmp_path / "targets_chunk.csv").read_text().splitlines()
     for chunk in (2, 5):
         got = {r.split(",")[9]: float(r.split(",")[10]) for r in rows if f",chunk={chunk}," in r}
         assert got["seconds"] > 0 and got["requests_per_s"] > 0, got
         assert got["delta_rel_diff"] <= 1e-4 and got["oom_halvings"] == 0, got
-    assert "| 5 |" in (tmp_path / "t.md").read_text()
+    md = (tmp_path / "t.md").read_text()
+    assert "| 5 |" in md and "Profile of one chunk of 3" in md and "aten::mm" in md
+    calls = [float(r.split(",")[10]) for r in rows if ",aten_calls_per_step," in r]
+    assert len(calls) == 1 and calls[0] > 100, calls  # a step is many calls, even on a miniature
 
     # Vectors that differ between chunk sizes fail the run.
     real = bt.compute_targets
@@ -103,4 +107,27 @@ def test_bench_targets_times_each_chunk_size_and_checks_the_vectors(tmp_path, mo
         return tr
 
     monkeypatch.setattr(bt, "compute_targets", skewed)
-    assert bt.main([*args[:-2], "--no-save"]) == 1
+    assert bt.main([*args[:-4], "--no-save"]) == 1
+
+
+def test_bench_targets_busy_time_counts_each_kernel_once():
+    """An operator's profile row carries its kernels' device time too: the busy time sums
+    the kernels' rows only."""
+    from types import SimpleNamespace as NS
+
+    bt = _bench_targets()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    rows = [
+        NS(device_type=cpu, self_device_time_total=300.0),  # aten::mm, its kernel's time
+        NS(device_type=cuda, self_device_time_total=300.0),  # the GEMM kernel
+        NS(device_type=cuda, self_device_time_total=200.0),  # another kernel
+    ]
+
+    class Avg(list):
+        def table(self, sort_by, row_limit):
+            assert sort_by == "self_device_time_total"
+            return "table"
+
+    prof = NS(events=lambda: [], key_averages=lambda: Avg(rows))
+    busy, calls, table = bt._profile_summary(prof, torch.device("cuda"))
+    assert busy == pytest.approx(500e-6) and calls == 0 and table == "table"
