@@ -76,18 +76,6 @@ class _HalvingLog(logging.Handler):
             self.count += 1
 
 
-def _rss() -> int:
-    """The process's resident set now (bytes); 0 where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _profile(model, adapter, prepared, settings, pad, device):
     """``compute_targets`` on one chunk under ``torch.profiler`` (CPU, and CUDA where the
     device is one); returns the profile and the wall seconds."""
@@ -167,16 +155,7 @@ def main(argv=None) -> int:
         templates = editor.context_templates()
     prepared = editor.prepare(normalize_requests(synthetic_requests(args.n)), templates)
     L = cfg.layers[-1]
-    settings = TargetSettings(
-        layer=L,
-        steps=cfg.steps,
-        lr=cfg.lr,
-        clamp_norm_factor=cfg.clamp_norm_factor,
-        weight_decay=cfg.weight_decay,
-        kl_factor=cfg.kl_factor,
-        early_stop_loss=cfg.early_stop_loss,
-        sync_every=cfg.sync_every,
-    )
+    settings = TargetSettings.from_config(cfg, L)
     pad = pad_id(tok)
     label = args.model + ("-tiny" if args.tiny else "") + "-random"
     dev_label = device_name(device)
@@ -206,7 +185,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         mem = PeakMemory(device)
         mem.reset()
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
+        base = mem.current()
         halving.count = 0
         tick = time.perf_counter()
         tr = compute_targets(model, editor.adapter, prepared, settings, pad, chunk)

@@ -100,6 +100,20 @@ class TargetSettings:
     # keys/values at every step; off: every step recomputes whole sequences.
     reuse_prefix: bool = True
 
+    @classmethod
+    def from_config(cls, config, layer: int) -> TargetSettings:
+        """The settings of an :class:`~memit_fast.config.EditConfig` for block ``layer``."""
+        return cls(
+            layer=layer,
+            steps=config.steps,
+            lr=config.lr,
+            clamp_norm_factor=config.clamp_norm_factor,
+            weight_decay=config.weight_decay,
+            kl_factor=config.kl_factor,
+            early_stop_loss=config.early_stop_loss,
+            sync_every=config.sync_every,
+        )
+
 
 class _Batch:
     """Index tensors of one group's padded batch of sequences.
