@@ -172,6 +172,15 @@ def main(argv=None) -> int:
     halving = _HalvingLog()
     logging.getLogger("memit_fast").addHandler(halving)
     rows, table = [], []
+    saved = 0
+
+    def flush():  # rows reach the CSV after every measurement: a run cut short keeps them
+        nonlocal saved
+        if not args.no_save and len(rows) > saved:
+            path = append_rows(args.csv, rows[saved:])
+            print(f"appended {len(rows) - saved} rows to {path}", flush=True)
+            saved = len(rows)
+
     first = None  # (seconds, z) of the first chunk size
     last_s = None
     failed = False
@@ -229,6 +238,7 @@ def main(argv=None) -> int:
             }
         )
         print(f"chunk {chunk}: {secs:.2f} s, {peak / used / 2**20:.1f} MiB/request", flush=True)
+        flush()
         del tr
     logging.getLogger("memit_fast").removeHandler(halving)
     prof_md = ""
@@ -250,8 +260,7 @@ def main(argv=None) -> int:
             f"included).\n\n```\n{table_txt}\n```"
         )
         print(prof_md, flush=True)
-    if rows and not args.no_save:
-        print(f"appended {len(rows)} rows to {append_rows(args.csv, rows)}")
+    flush()
     md = f"### target phase by chunk size — {label}, {dev_label}, {dtype_name}\n\n{shape}\n\n"
     md += markdown_table(table, list(table[0]) if table else ["chunk"])
     md += prof_md
