@@ -131,3 +131,23 @@ def test_bench_targets_busy_time_counts_each_kernel_once():
     prof = NS(events=lambda: [], key_averages=lambda: Avg(rows))
     busy, calls, table = bt._profile_summary(prof, torch.device("cuda"))
     assert busy == pytest.approx(500e-6) and calls == 0 and table == "table"
+
+
+def test_bench_targets_reports_a_chunk_halved_for_memory(tmp_path, monkeypatch):
+    import memit_fast.targets as targets_mod
+
+    bt = _bench_targets()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    real = targets_mod.optimize_chunk
+
+    def oom_above_2(model, adapter, prepared, *a, **k):
+        if len(prepared) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, adapter, prepared, *a, **k)
+
+    monkeypatch.setattr(targets_mod, "optimize_chunk", oom_above_2)
+    args = ["--tiny", "--device", "cpu", "--n", "4", "--chunks", "2,4", "--steps", "1"]
+    assert bt.main(args) == 0
+    rows = (tmp_path / "targets_chunk.csv").read_text().splitlines()
+    halved = {r.split(",")[8]: float(r.split(",")[10]) for r in rows if ",oom_halvings," in r}
+    assert halved == {"chunk=2": 0.0, "chunk=4": 1.0}, halved
