@@ -512,9 +512,7 @@ def plan_fused_solve_update(
     # The last launch reads Y as the solves leave it, so it must get Y itself, not a copy
     # made now: R is padded to Y's width instead (zero columns add nothing).
     Y = plan.Y
-    Rp = R.to(torch.float32)
-    if Y.shape[1] > Rp.shape[1]:
-        Rp = torch.nn.functional.pad(Rp, (0, Y.shape[1] - Rp.shape[1]))
+    Rp = _fp32_padded(R, Y.shape[1] - R.shape[1])
     Wm, P, Q = lowrank_operands(W, Rp, Y, transposed)
     if Y.data_ptr() not in (P.data_ptr(), Q.data_ptr()):
         raise AssertionError("plan_fused_solve_update: the update would read a copy of Y")
