@@ -194,7 +194,12 @@ def main(argv=None) -> int:
             print(f"appended {len(rows) - saved} rows to {path}", flush=True)
             saved = len(rows)
 
-    first = None  # (seconds, z) of the first chunk size
+    def emit(n: int, variant: str, values: dict[str, tuple[float, str]]) -> None:
+        for metric, (value, unit) in values.items():
+            rows.append(make_row(n=n, variant=variant, metric=metric, value=value, unit=unit,
+                                 **common))  # fmt: skip
+
+    first = None  # (seconds, deltas) of the first chunk size
     last_s = None
     failed = False
     for chunk in chunks:
@@ -215,42 +220,45 @@ def main(argv=None) -> int:
         secs = time.perf_counter() - tick
         peak = mem.peak() - base
         last_s = secs
-        z = (tr.z - tr.h).detach().double().cpu()  # the optimized deltas
-        if not bool(torch.isfinite(z).all()):
+        delta = (tr.z - tr.h).detach().double().cpu()  # the optimized deltas
+        if not bool(torch.isfinite(delta).all()):
             print(f"FAIL chunk {chunk}: non-finite target vectors", flush=True)
             failed = True
         if first is None:
-            first = (secs, z)
-        diff = float((z - first[1]).norm() / first[1].norm().clamp_min(1e-30))
+            first = (secs, delta)
+        diff = float((delta - first[1]).norm() / first[1].norm().clamp_min(1e-30))
         if diff > tol:
             print(f"FAIL chunk {chunk}: deltas differ from chunk {chunks[0]}'s by {diff:.3g}")
             failed = True
-        used = min(chunk, args.n)
-        values = {
-            "seconds": (secs, "s"),
-            "s_per_request_step": (1e3 * secs / (args.n * cfg.steps), "ms"),
-            "requests_per_s": (args.n / secs, "requests/s"),
-            "peak_bytes_per_request": (peak / used, f"bytes ({mem.kind})"),
-            "speed_vs_first": (first[0] / secs, "x"),
-            "delta_rel_diff": (diff, "ratio"),
-            "oom_halvings": (halving.count, "count"),
-        }
-        for metric, (value, unit) in values.items():
-            row = dict(n=args.n, variant=f"chunk={chunk}", metric=metric, value=value, unit=unit)
-            rows.append(make_row(**row, **common))
+        ms_step = 1e3 * secs / (args.n * cfg.steps)
+        per_request = peak / min(chunk, args.n)
+        speed = first[0] / secs
+        emit(
+            args.n,
+            f"chunk={chunk}",
+            {
+                "seconds": (secs, "s"),
+                "s_per_request_step": (ms_step, "ms"),
+                "requests_per_s": (args.n / secs, "requests/s"),
+                "peak_bytes_per_request": (per_request, f"bytes ({mem.kind})"),
+                "speed_vs_first": (speed, "x"),
+                "delta_rel_diff": (diff, "ratio"),
+                "oom_halvings": (halving.count, "count"),
+            },
+        )
         table.append(
             {
                 "chunk": chunk,
                 "s": round(secs, 3),
-                "ms / request / step": round(1e3 * secs / (args.n * cfg.steps), 3),
+                "ms / request / step": round(ms_step, 3),
                 "requests/s": round(args.n / secs, 2),
-                "peak MiB / request": round(peak / used / 2**20, 1),
-                "vs first": round(first[0] / secs, 2),
+                "peak MiB / request": round(per_request / 2**20, 1),
+                "vs first": round(speed, 2),
                 "delta rel. diff": f"{diff:.2e}",
                 "halved (OOM)": halving.count,
             }
         )
-        print(f"chunk {chunk}: {secs:.2f} s, {peak / used / 2**20:.1f} MiB/request", flush=True)
+        print(f"chunk {chunk}: {secs:.2f} s, {per_request / 2**20:.1f} MiB/request", flush=True)
         flush()
         del tr
     logging.getLogger("memit_fast").removeHandler(halving)
@@ -262,10 +270,7 @@ def main(argv=None) -> int:
         values = {"seconds": (secs, "s"), "aten_calls_per_step": (calls / cfg.steps, "calls")}
         if busy is not None:
             values["device_busy_fraction"] = (busy / secs, "ratio")
-        for metric, (value, unit) in values.items():
-            row = dict(n=chunk, variant=f"profile chunk={chunk}", metric=metric, value=value,
-                       unit=unit)  # fmt: skip
-            rows.append(make_row(**row, **common))
+        emit(chunk, f"profile chunk={chunk}", values)
         busy_txt = "not recorded (no device)" if busy is None else f"{busy / secs:.2f} of the wall"
         prof_md = (
             f"\n\nProfile of one chunk of {chunk} ({cfg.steps} steps, {secs:.2f} s): device busy "
