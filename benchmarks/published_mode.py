@@ -44,7 +44,7 @@ from memit_fast.editor import (
 )
 from memit_fast.keys import StopForward, forward_until, hooks, input_device, pad_id, pad_right
 from memit_fast.stats import LayerStats, read_corpus
-from memit_fast.targets import PreparedRequest, TargetResult
+from memit_fast.targets import PreparedRequest, TargetResult, TargetSettings
 
 STATS_STRUCTURES = ("stop", "full")
 
@@ -169,28 +169,23 @@ def target_one(
     model,
     adapter,
     p: PreparedRequest,
+    s: TargetSettings,
     *,
-    layer: int,
-    steps: int,
-    lr: float,
-    clamp_norm_factor: float,
-    weight_decay: float,
-    kl_factor: float,
-    early_stop_loss: float,
     pad: int,
 ) -> dict[str, Any]:
     """One request's target vector, as the published ``compute_z``: the whole model each
     step, the delta added at every prompt's last subject token by a forward hook on block
-    ``layer``, ``torch.optim.Adam``, ``loss.item()`` every step."""
+    ``s.layer``, ``torch.optim.Adam``, ``loss.item()`` every step (``s.sync_every`` and
+    ``s.reuse_prefix`` are the batched engine's, unused here)."""
     tgt = list(p.target_ids)
     seqs = [list(e.ids) + tgt[:-1] for e in p.rewrites] + [list(p.kl.ids)]
     looks = [e.subject_last for e in p.rewrites] + [p.kl.subject_last]
     n_rw = len(p.rewrites)
     dev = input_device(model)
     ids, mask = pad_right(seqs, pad, dev)
-    block = adapter.block(layer)
+    block = adapter.block(s.layer)
     dh = adapter.dims()[1]
-    delta = torch.zeros(dh, dtype=torch.float32, device=adapter.weight(layer).device)
+    delta = torch.zeros(dh, dtype=torch.float32, device=adapter.weight(s.layer).device)
     delta.requires_grad_(True)
     state: dict[str, torch.Tensor] = {}
     rows = torch.arange(len(seqs), device=dev)
@@ -211,12 +206,12 @@ def target_one(
             t_rows.append(i)
             t_cols.append(len(e.ids) - 1 + j)
             t_tok.append(tok)
-    opt = torch.optim.Adam([delta], lr=lr)
+    opt = torch.optim.Adam([delta], lr=s.lr)
     kl_init = None
     taken = 0
     figures: dict[str, float] = {}
     with hooks([block.register_forward_hook(edit_output)]), _frozen(model):
-        for it in range(steps):
+        for it in range(s.steps):
             opt.zero_grad()
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             log_probs = torch.log_softmax(logits.float(), dim=2)  # every position, every row
@@ -227,16 +222,16 @@ def target_one(
                 kl_init = kl_lp.detach().clone()
             kl = F.kl_div(kl_lp, kl_init, log_target=True, reduction="sum")
             h0 = state["h0"]
-            wd = weight_decay * delta.norm() / h0.norm() ** 2
-            loss = nll + kl_factor * kl + wd
+            wd = s.weight_decay * delta.norm() / h0.norm() ** 2
+            loss = nll + s.kl_factor * kl + wd
             figures = {"loss": loss.item(), "nll": nll.item(), "kl": kl.item()}  # host syncs
-            if figures["loss"] < early_stop_loss or it == steps - 1:
+            if figures["loss"] < s.early_stop_loss or it == s.steps - 1:
                 break
             loss.backward()
             opt.step()
             taken += 1
             with torch.no_grad():
-                max_norm = clamp_norm_factor * h0.norm()
+                max_norm = s.clamp_norm_factor * h0.norm()
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
     h0 = state["h0"].to(delta.device)
@@ -328,22 +323,8 @@ class PublishedStructureEditor:
             timings["statistics"] = _clock() - tick
 
             tick = _clock()
-            per = [
-                target_one(
-                    model,
-                    ad,
-                    p,
-                    layer=L,
-                    steps=c.steps,
-                    lr=c.lr,
-                    clamp_norm_factor=c.clamp_norm_factor,
-                    weight_decay=c.weight_decay,
-                    kl_factor=c.kl_factor,
-                    early_stop_loss=c.early_stop_loss,
-                    pad=pad,
-                )
-                for p in prepared
-            ]
+            settings = TargetSettings.from_config(c, L)
+            per = [target_one(model, ad, p, settings, pad=pad) for p in prepared]
             tr = TargetResult(
                 z=torch.stack([r["z"] for r in per]),
                 h=torch.stack([r["h"] for r in per]),
