@@ -14,10 +14,15 @@ import torch.nn.functional as F
 
 
 def blocks_of(model):
+    """(blocks, block -> MLP output projection, weight stored transposed?) of ``model``."""
     mt = model.config.model_type
     if mt == "gpt2":
         return model.transformer.h, (lambda b: b.mlp.c_proj), True
-    if mt in ("llama", "mistral", "qwen2"):
+    if mt == "gptj":
+        return model.transformer.h, (lambda b: b.mlp.fc_out), False
+    if mt == "gpt_neox":
+        return model.gpt_neox.layers, (lambda b: b.mlp.dense_4h_to_h), False
+    if mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo"):
         return model.model.layers, (lambda b: b.mlp.down_proj), False
     raise NotImplementedError(mt)
 
@@ -188,9 +193,11 @@ def ref_memit(
     kl_factor,
     stop_loss,
     lam,
+    systems=None,
 ):
     """Apply MEMIT to ``model`` in place. Returns (Z (n, dh), steps per request, {layer: dW
-    in (dh, dk) orientation, float64})."""
+    in (dh, dk) orientation, float64}). ``systems``, a dict if given, receives each layer's
+    matrix ``A = lam C + K K^T`` (float64)."""
     blocks, proj, transposed = blocks_of(model)
     L = layers[-1]
     zs, taken = [], []
@@ -207,6 +214,8 @@ def ref_memit(
         R = (Z - H) / (len(layers) - j)
         A = lam * stats[l].double() + K @ K.T
         U = torch.linalg.solve(A, K)
+        if systems is not None:
+            systems[l] = A
         dW = R @ U.T  # (dh, dk)
         W = proj(blocks[l]).weight
         with torch.no_grad():
@@ -215,7 +224,7 @@ def ref_memit(
     return Z.T.float(), taken, dws
 
 
-def ref_memit_config(model, tok, requests, templates, cfg, stats):
+def ref_memit_config(model, tok, requests, templates, cfg, stats, systems=None):
     """``ref_memit`` with the MEMIT settings of an ``EditConfig`` ``cfg``."""
     return ref_memit(
         model,
@@ -231,4 +240,5 @@ def ref_memit_config(model, tok, requests, templates, cfg, stats):
         kl_factor=cfg.kl_factor,
         stop_loss=cfg.early_stop_loss,
         lam=cfg.mom2_update_weight,
+        systems=systems,
     )

@@ -128,6 +128,65 @@ def make_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def _llama_like(config_cls, model_cls, **extra):
+    def make(seed: int = 0, dtype=torch.float32):
+        torch.manual_seed(seed)
+        cfg = config_cls(
+            vocab_size=len(make_tokenizer()),
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **extra,
+        )
+        return model_cls(cfg).to(dtype).eval()
+
+    return make
+
+
+def make_gptj(seed: int = 0, dtype=torch.float32):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPTJConfig(
+        vocab_size=len(make_tokenizer()),
+        n_embd=64,
+        n_layer=4,
+        n_head=4,
+        rotary_dim=8,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPTJForCausalLM(cfg).to(dtype).eval()
+
+
+def arch_makers() -> dict[str, object]:
+    """A tiny model builder per architecture family the README names (``model_type`` ->
+    ``make(seed, dtype)``), each with its family's peculiarities: GPT-J's and GPT-NeoX's
+    parallel attention and MLP with partial rotary embeddings, grouped-query attention,
+    Qwen3's query/key norms, Gemma's scaled embeddings, (1 + w) norms and tied head,
+    Phi-3's fused gate/up projection, OLMo's parameter-free layer norms."""
+    import transformers as T
+
+    return {
+        "gpt2": make_gpt2,
+        "llama": make_llama,
+        "gptj": make_gptj,
+        "gpt_neox": _llama_like(T.GPTNeoXConfig, T.GPTNeoXForCausalLM, rotary_pct=0.25),
+        "mistral": _llama_like(T.MistralConfig, T.MistralForCausalLM, num_key_value_heads=2),
+        "qwen2": _llama_like(T.Qwen2Config, T.Qwen2ForCausalLM, num_key_value_heads=2),
+        "qwen3": _llama_like(T.Qwen3Config, T.Qwen3ForCausalLM, num_key_value_heads=2, head_dim=16),
+        "gemma": _llama_like(T.GemmaConfig, T.GemmaForCausalLM, num_key_value_heads=1, head_dim=16),
+        "phi3": _llama_like(T.Phi3Config, T.Phi3ForCausalLM, num_key_value_heads=2),
+        "olmo": _llama_like(T.OlmoConfig, T.OlmoForCausalLM, num_key_value_heads=2),
+    }
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.state_dict().items()}
 
