@@ -71,6 +71,13 @@ log = logging.getLogger("bench_edit")
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 COUNTERFACT = SHARED / "counterfact" / "counterfact-val.json"
+ZSRE = SHARED / "zsre" / "zsre-1k.json"
+DATASETS = ("counterfact", "zsre")
+# Quality figures per data set: CounterFact's success fractions (ES, PS, NS, and the share of
+# neighborhood predictions the edit changed); zsRE's token accuracies (MEMIT's definitions)
+# and EasyEdit's locality (agreement with the unedited model's predictions).
+QUALITY_KEYS = ("ES", "PS", "NS", "changed", "efficacy_acc", "paraphrase_acc",
+                "specificity_acc", "locality")  # fmt: skip
 RANDOM_ARCHS = ("gpt2-xl", "gpt-j-6b", "llama-2-7b")
 MODELS = ("smollm2", "world", *RANDOM_ARCHS)
 PHASES = (
@@ -345,6 +352,19 @@ def counterfact_requests(n: int, offset: int = 0, path: Path = COUNTERFACT) -> l
     ]
 
 
+def zsre_requests(n: int, offset: int = 0, path: Path = ZSRE) -> list[EditRequest]:
+    """Records ``offset … offset + n`` of the shared zsRE set, edited towards ``answers[0]``
+    as the MEMIT code does (:func:`memit_fast.data.load_zsre`)."""
+    from memit_fast.data import load_zsre
+
+    if not path.is_file():
+        raise Skip(f"zsRE data not found at {path}")
+    reqs = load_zsre(path, n=offset + n)[offset:]
+    if len(reqs) < n:
+        raise Skip(f"{path} has only {len(reqs) + offset} records")
+    return reqs
+
+
 def world_requests(world, n: int) -> list[EditRequest]:
     """The world's own edit requests while it has held-out subjects; beyond that, one
     request per (subject, relation) pair (timing only: no neighborhood prompts)."""
@@ -376,13 +396,27 @@ def world_requests(world, n: int) -> list[EditRequest]:
 
 
 @torch.no_grad()
-def quality(model, tok, reqs: list[EditRequest], baseline: dict | None = None) -> dict:
-    """Efficacy, paraphrase and neighborhood success (fractions), CounterFact's definitions;
-    with ``baseline`` (the unedited model's ``raw`` result) also ``changed``: the fraction of
-    neighborhood prompts whose next-token prediction the edit changed. ``raw`` is the full
-    :func:`counterfact_metrics` result."""
-    from memit_fast.evaluate import counterfact_metrics
+def quality(
+    model, tok, reqs: list[EditRequest], baseline: dict | None = None, data: str = "counterfact"
+) -> dict:
+    """The edit's quality on ``reqs``; ``raw`` is the full metrics result, ``baseline`` the
+    unedited model's ``raw`` on the same requests.
 
+    CounterFact (:func:`counterfact_metrics`): efficacy, paraphrase and neighborhood success
+    (``ES``, ``PS``, ``NS``), with ``baseline`` also ``changed``, the fraction of
+    neighborhood prompts whose next-token prediction the edit changed. zsRE
+    (:func:`zsre_metrics`): ``efficacy_acc``, ``paraphrase_acc``, ``specificity_acc`` (token
+    accuracies), with ``baseline`` also ``locality`` (EasyEdit's agreement with the unedited
+    model's predictions)."""
+    from memit_fast.evaluate import counterfact_metrics, zsre_metrics
+
+    if data == "zsre":
+        m = zsre_metrics(model, tok, reqs, baseline=baseline)
+        out = {k: m[k] for k in ("efficacy_acc", "paraphrase_acc", "specificity_acc")}
+        out["raw"] = m
+        if baseline is not None:
+            out["locality"] = m["easyedit_locality"]
+        return out
     m = counterfact_metrics(model, tok, reqs, baseline=baseline)
     out = {
         "ES": m["efficacy_success"],
@@ -433,7 +467,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", default="/tmp/smol/model", help="local HF dir for smollm2")
     ap.add_argument("--tiny", action="store_true", help="miniature random architectures")
     ap.add_argument("--n", default="20", help="comma-separated request counts")
-    ap.add_argument("--offset", type=int, default=0, help="first CounterFact record")
+    ap.add_argument("--offset", type=int, default=0, help="first CounterFact/zsRE record")
+    ap.add_argument("--data", default="counterfact", choices=DATASETS,
+                    help="requests and metrics of smollm2 (the other models bring their own)")  # fmt: skip
     ap.add_argument("--modes", default="fast,published")
     ap.add_argument("--published-max-n", type=int, default=100)
     ap.add_argument("--published-stats", default="stop", choices=STATS_STRUCTURES)
@@ -448,7 +484,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed-steps", action="store_true", default=None, help="no early stop")
     ap.add_argument("--target-chunk", type=int, default=None)
     ap.add_argument("--key-chunk", type=int, default=None)
-    ap.add_argument("--eval", action="store_true", help="ES/PS/NS after each edit")
+    ap.add_argument("--eval", action="store_true", help="quality after each edit (ES/PS/NS; zsRE: accuracies)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip N predicted to overrun")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--csv", default="edit", help="results CSV name")
@@ -461,6 +497,8 @@ def main(argv=None) -> int:
     for name in names:
         if name not in MODELS:
             ap.error(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+    if args.data != "counterfact" and names != ["smollm2"]:
+        ap.error("--data applies to --model smollm2 alone")
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in ("fast", "published"):
@@ -486,7 +524,8 @@ def bench_model(name: str, args, modes: list[str]) -> None:
     try:
         if name == "smollm2":
             model, tok = load_smollm2(args.model_dir, dtype, device)
-            all_reqs = counterfact_requests(max(ns), args.offset)
+            load = zsre_requests if args.data == "zsre" else counterfact_requests
+            all_reqs = load(max(ns), args.offset)
         elif name == "world":
             model, tok, world = load_world_model(dtype, device)
             all_reqs = world_requests(world, max(ns))
@@ -535,6 +574,8 @@ def bench_model(name: str, args, modes: list[str]) -> None:
         f"early_stop={cfg.early_stop_loss};stats={cfg.stats_samples}x{cfg.stats_max_length};"
         f"published_stats={args.published_stats};threads={torch.get_num_threads()}"
     )
+    if args.data != "counterfact":
+        shape += f";data={args.data}"
     common = dict(
         benchmark="edit", model=model_label, dtype=dtype_name, device=dev_label, shape=shape
     )
@@ -564,7 +605,7 @@ def bench_model(name: str, args, modes: list[str]) -> None:
                 print(f"SKIP N={n}: predicted {predicted:.0f} s exceeds the budget", flush=True)
                 break
         if args.eval:  # the unedited model on these N requests (the baseline of each N)
-            unedited = quality(model, tok, reqs)
+            unedited = quality(model, tok, reqs, data=args.data)
             for k, v in unedited.items():
                 if k != "raw" and v is not None:
                     emit(n, "unedited", k, v, "fraction")
@@ -574,7 +615,7 @@ def bench_model(name: str, args, modes: list[str]) -> None:
             res, t, peak, kind = run_mode(
                 mode, model, tok, cfg, reqs, corpus, device, args.published_stats, args.key_batch
             )
-            q = quality(model, tok, reqs, unedited["raw"]) if args.eval else {}
+            q = quality(model, tok, reqs, unedited["raw"], args.data) if args.eval else {}
             steps = res.targets.steps.float()
             t["steps_mean"], t["steps_max"] = float(steps.mean()), float(steps.max())
             res.revert()
@@ -655,7 +696,7 @@ def summary_rows(n, results, t_templates, unedited) -> list[dict]:
             f"{get[m][0]['steps_mean']:.1f} / {get[m][0]['steps_max']:.0f}" if m in get else ""
         )
     out += [row, mem, steps]
-    for k in ("ES", "PS", "NS", "changed"):
+    for k in QUALITY_KEYS:
         vals = {m: get[m][3].get(k) for m in get}
         if all(v is None for v in vals.values()):
             continue
