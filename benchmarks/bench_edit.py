@@ -484,7 +484,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed-steps", action="store_true", default=None, help="no early stop")
     ap.add_argument("--target-chunk", type=int, default=None)
     ap.add_argument("--key-chunk", type=int, default=None)
-    ap.add_argument("--eval", action="store_true", help="quality after each edit (ES/PS/NS; zsRE: accuracies)")
+    ap.add_argument(
+        "--eval", action="store_true", help="quality after each edit (ES/PS/NS; zsRE: accuracies)"
+    )
     ap.add_argument("--budget-s", type=float, default=None, help="skip N predicted to overrun")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--csv", default="edit", help="results CSV name")
