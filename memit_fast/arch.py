@@ -38,6 +38,24 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "gemma": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
     "phi3": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
     "olmo": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "olmo2": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "olmo3": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "gemma2": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "gemma3_text": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "cohere": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "cohere2": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "granite": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "smollm3": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "stablelm": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "glm": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "exaone4": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "arcee": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "apertus": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "starcoder2": ArchSpec("model.layers", "mlp.c_proj", "model.norm"),
+    "phi": ArchSpec("model.layers", "mlp.fc2", "model.final_layernorm"),
+    "falcon": ArchSpec("transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
+    "bloom": ArchSpec("transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
+    "gpt_bigcode": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f"),
 }
 
 
@@ -87,6 +105,59 @@ class ModelAdapter:
         if head is None:
             raise UnsupportedArchitectureError(f"{type(model).__name__} has no output head")
         self.head = head
+        cfg = getattr(model, "config", None)
+        # What the model's forward does to the head's output: Gemma 2/3 cap the logits
+        # (``cap * tanh(logits / cap)``), Cohere multiplies them by ``logit_scale``, Granite
+        # divides them by ``logits_scaling``. :meth:`check_head` verifies the result.
+        self.logit_softcap = _positive(getattr(cfg, "final_logit_softcapping", None))
+        scale = _positive(getattr(model, "logit_scale", None) or getattr(cfg, "logit_scale", None))
+        divisor = _positive(getattr(cfg, "logits_scaling", None))
+        self.logit_multiplier = (scale or 1.0) / (divisor or 1.0)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's next-token logits from the last block's output ``hidden`` (``(..., dh)``):
+        the final norm, the head, and the model's own post-processing of the logits."""
+        norm_dev = next((p.device for p in self.final_norm.parameters()), hidden.device)
+        h = self.final_norm(hidden.to(norm_dev))
+        logits = self.head(h.to(self.head.weight.device))
+        if self.logit_multiplier != 1.0:
+            logits = logits * self.logit_multiplier
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+    @torch.no_grad()
+    def check_head(self, input_ids: torch.Tensor, rtol: float | None = None) -> float:
+        """Runs the model on ``input_ids`` (``(1, t)``) and checks that :meth:`logits` of the
+        last block's output gives the model's own logits; MEMIT's target optimization
+        computes them that way. Returns the relative difference; raises
+        :class:`UnsupportedArchitectureError` if it exceeds ``rtol`` (default: 1e-4 in fp32,
+        2e-2 in 16-bit), which means the model's forward does more after its last block than
+        the adapter knows (or the spec names the wrong final norm)."""
+        got = {}
+
+        def grab(mod, args, out):
+            got["h"] = block_output(out)
+
+        handle = self.blocks[self.n_layers - 1].register_forward_hook(grab)
+        try:
+            out = self.model(input_ids=input_ids, use_cache=False)
+        finally:
+            handle.remove()
+        want = (out.logits if hasattr(out, "logits") else out[0]).float()
+        mine = self.logits(got["h"]).float().to(want.device)
+        diff = float((mine - want).norm() / want.norm().clamp_min(1e-30))
+        if rtol is None:
+            rtol = 1e-4 if self.head.weight.dtype in (torch.float32, torch.float64) else 2e-2
+        if not diff <= rtol:
+            raise UnsupportedArchitectureError(
+                f"{type(self.model).__name__}: the logits from the last block's output through "
+                f"{self.spec.final_norm!r} and the output head differ from the model's own by "
+                f"{diff:.3g} (relative): its forward transforms the hidden state or the logits "
+                "after the last block in a way the adapter does not reproduce. Check "
+                "ArchSpec.final_norm, or report the architecture"
+            )
+        return diff
 
     @property
     def n_layers(self) -> int:
@@ -125,6 +196,15 @@ class ModelAdapter:
             if isinstance(v, int) and v > 0:
                 return v
         return None
+
+
+def _positive(x) -> float | None:
+    """``x`` as a float if it is a positive number, else ``None``."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
 
 
 def block_output(out) -> torch.Tensor:

@@ -223,6 +223,7 @@ class Editor:
         # Applied results in order, held weakly: a result the user dropped cannot be reverted
         # and so cannot block the revert of an earlier one.
         self._history: list[weakref.ref[EditResult]] = []
+        self._head_checked = False
 
     # ------------------------------------------------------------------ solver state
 
@@ -417,6 +418,15 @@ class Editor:
 
     # ------------------------------------------------------------------ the edit
 
+    def _check_head(self) -> None:
+        """Once per editor: the target optimization's logits (last block's output, final
+        norm, head) are the model's own (:meth:`ModelAdapter.check_head`)."""
+        if self._head_checked:
+            return
+        ids = list(self.tokenizer("The capital of France is Paris.")["input_ids"])
+        self.adapter.check_head(torch.tensor([ids], device=input_device(self.model)))
+        self._head_checked = True
+
     def apply(self, requests: Iterable[Any]) -> EditResult:
         """Write ``requests`` into the model (in place) and return an :class:`EditResult`.
 
@@ -428,6 +438,7 @@ class Editor:
         t0 = _clock()
         reqs = normalize_requests(requests)
         with _eval_mode(self.model):
+            self._check_head()
             tick = _clock()
             templates = self.context_templates()
             timings["context_templates"] = _clock() - tick

@@ -227,16 +227,7 @@ def _logits_at(
         h = runner.run(h)
     prow = torch.cat([batch.t_rows, batch.kl_rows]).to(h.device)
     pcol = torch.cat([batch.t_cols, batch.kl_cols]).to(h.device)
-    hs = h[prow, pcol]
-    hs = adapter.final_norm(hs.to(_param_device(adapter.final_norm, hs.device)))
-    logits = adapter.head(hs.to(adapter.head.weight.device))
-    return F.log_softmax(logits.float(), dim=-1)
-
-
-def _param_device(module, default):
-    for p in module.parameters():
-        return p.device
-    return default
+    return F.log_softmax(adapter.logits(h[prow, pcol]).float(), dim=-1)
 
 
 # ----------------------------------------------------------------------------- prefix reuse
@@ -316,6 +307,10 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
     except ImportError:  # pragma: no cover - older transformers
         return None
     try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+    except ImportError:  # pragma: no cover - older transformers
+        DynamicSlidingWindowLayer = None
+    try:
         cache = DynamicCache(config=model.config)
     except TypeError:  # pragma: no cover - older signature
         cache = DynamicCache()
@@ -354,12 +349,28 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
     else:
         mask = mask1
     width = mask.shape[1]
+    # Every column a step's queries see: the prefix's and the suffix's.
+    total = width + batch.input_ids.shape[1]
+
+    def plain(lay) -> bool:
+        """A layer that keeps every column: the plain kind, or a sliding-window layer
+        (Mistral, Gemma 2/3) whose window is wider than every distance between a query and
+        a column, so it never drops a column and its mask is the causal one."""
+        if type(lay) is DynamicLayer:
+            return True
+        return (
+            DynamicSlidingWindowLayer is not None
+            and type(lay) is DynamicSlidingWindowLayer
+            and not getattr(lay, "record_past", False)
+            and total < lay.sliding_window
+        )
+
     layers = getattr(cache, "layers", None)
     if (
         not layers
         or len(layers) != adapter.n_layers
         or getattr(cache, "offloading", False)
-        or any(type(lay) is not DynamicLayer for lay in layers)
+        or not all(plain(lay) for lay in layers)
         or any(lay.keys is None or lay.keys.shape[-2] != width for lay in layers)
         or any(lay.keys.shape[0] != batch.rows for lay in layers)
     ):

@@ -22,8 +22,16 @@ def blocks_of(model):
         return model.transformer.h, (lambda b: b.mlp.fc_out), False
     if mt == "gpt_neox":
         return model.gpt_neox.layers, (lambda b: b.mlp.dense_4h_to_h), False
-    if mt in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo"):
-        return model.model.layers, (lambda b: b.mlp.down_proj), False
+    if mt in ("falcon", "bloom"):
+        return model.transformer.h, (lambda b: b.mlp.dense_4h_to_h), False
+    if mt == "gpt_bigcode":
+        return model.transformer.h, (lambda b: b.mlp.c_proj), False
+    if mt == "phi":
+        return model.model.layers, (lambda b: b.mlp.fc2), False
+    if mt == "starcoder2":
+        return model.model.layers, (lambda b: b.mlp.c_proj), False
+    if hasattr(model, "model") and hasattr(model.model, "layers"):
+        return model.model.layers, (lambda b: b.mlp.down_proj), False  # the Llama layout
     raise NotImplementedError(mt)
 
 

@@ -8,7 +8,7 @@ from reference_memit import ref_memit_config, ref_stats
 from tiny import CORPUS, REQUESTS, TEMPLATES, arch_makers, make_tokenizer
 from tiny import exact_config as config
 
-from memit_fast.arch import ARCH_SPECS
+from memit_fast.arch import ARCH_SPECS, ArchSpec
 from memit_fast.editor import Editor
 
 MAKERS = arch_makers()
@@ -66,3 +66,93 @@ def test_engine_matches_reference(model_type):
     res.revert()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def _targets(model, tok, monkeypatch, reuse):
+    """Target vectors of REQUESTS at layer 1 (8 steps, no early stop), and per chunk group
+    whether the frozen prefix cache was used."""
+    import memit_fast.targets as targets_mod
+    from memit_fast.data import normalize_requests
+    from memit_fast.keys import pad_id
+    from memit_fast.targets import TargetSettings, compute_targets
+
+    probe = Editor(model, tok, config(), stats={l: torch.eye(160) for l in (1, 2)})
+    prepared = probe.prepare(normalize_requests(REQUESTS), TEMPLATES)
+    used = []
+    real = targets_mod._frozen_prefix_cache
+
+    def counting(*a, **k):
+        got = real(*a, **k)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(targets_mod, "_frozen_prefix_cache", counting)
+    s = TargetSettings(layer=1, steps=8, lr=0.05, clamp_norm_factor=4.0, weight_decay=1e-3,
+                       kl_factor=0.0625, early_stop_loss=0.0, reuse_prefix=reuse)  # fmt: skip
+    out = compute_targets(model, probe.adapter, prepared, s, pad_id(tok), 8)
+    monkeypatch.undo()
+    return out, used
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("window", [4096, 24, 12])
+def test_prefix_reuse_with_sliding_window_layers(model_type, window, monkeypatch):
+    """Sliding-window layers keep the prefix cache where the window spans every column a
+    step reads (Mistral's and Gemma's windows of thousands of tokens against prompts of
+    tens); a group whose columns exceed it recomputes whole sequences. Either way the
+    trajectories are those of whole-sequence recomputation."""
+    import transformers
+
+    tok = make_tokenizer()
+    kind = {"mistral": "MistralConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}
+    make = MAKERS[model_type]
+    model = make()
+    cfg = getattr(transformers, kind[model_type])(
+        **{**model.config.to_dict(), "sliding_window": window}
+    )
+    model = type(model)(cfg).eval()
+    whole, used = _targets(model, tok, monkeypatch, reuse=False)
+    assert used == []
+    reused, used = _targets(model, tok, monkeypatch, reuse=True)
+    if window == 4096:
+        assert used and all(used), used
+    if window == 12:  # every group's prefix and suffix together exceed 12 columns
+        assert used and not any(used), used
+    scale = (whole.z - whole.h).norm()
+    assert float((reused.z - whole.z).norm() / scale) < 1e-5
+    assert reused.steps.tolist() == whole.steps.tolist()
+
+
+def test_logits_post_processing_is_reproduced_or_refused():
+    """The adapter's logits are the model's own (Gemma's cap, Cohere's and Granite's scales);
+    a forward that does more than the adapter knows is refused before anything is written."""
+    from tiny import assert_bit_identical, snapshot
+
+    from memit_fast.arch import ModelAdapter, UnsupportedArchitectureError
+
+    ids = torch.tensor([[3, 17, 42, 9, 100, 7]])
+    for model_type in ("gemma3_text", "cohere", "granite"):
+        model = MAKERS[model_type]()
+        ad = ModelAdapter(model)
+        assert ad.logit_softcap is not None or ad.logit_multiplier != 1.0, model_type
+        assert ad.check_head(ids) < 1e-5
+    # A wrong final norm in a user's spec, and a forward that rescales the logits itself.
+    tok = make_tokenizer()
+    model = MAKERS["llama"]()
+    with torch.no_grad():  # a trained norm's weights are not the initial ones
+        model.model.norm.weight.mul_(2.0)
+    spec = ArchSpec("model.layers", "mlp.down_proj", "model.layers.3.post_attention_layernorm")
+    with pytest.raises(UnsupportedArchitectureError, match="differ from the model's own"):
+        Editor(model, tok, config(), arch=spec).apply(REQUESTS[:1])
+    forward = model.forward
+
+    def scaled(*a, **k):
+        out = forward(*a, **k)
+        out.logits = out.logits * 3.0
+        return out
+
+    model.forward = scaled
+    snap = snapshot(model)
+    with pytest.raises(UnsupportedArchitectureError, match="model.norm"):
+        Editor(model, tok, config(), stats={l: torch.eye(160) for l in (1, 2)}).apply(REQUESTS[:1])
+    assert_bit_identical(model, snap)

@@ -148,42 +148,89 @@ def _llama_like(config_cls, model_cls, **extra):
     return make
 
 
-def make_gptj(seed: int = 0, dtype=torch.float32):
-    import transformers
+def _gpt_like(config_cls, model_cls, **extra):
+    def make(seed: int = 0, dtype=torch.float32):
+        torch.manual_seed(seed)
+        cfg = config_cls(vocab_size=len(make_tokenizer()), bos_token_id=0, eos_token_id=0, **extra)
+        return model_cls(cfg).to(dtype).eval()
 
-    torch.manual_seed(seed)
-    cfg = transformers.GPTJConfig(
-        vocab_size=len(make_tokenizer()),
-        n_embd=64,
-        n_layer=4,
-        n_head=4,
-        rotary_dim=8,
-        n_positions=128,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPTJForCausalLM(cfg).to(dtype).eval()
+    return make
 
 
 def arch_makers() -> dict[str, object]:
-    """A tiny model builder per architecture family the README names (``model_type`` ->
-    ``make(seed, dtype)``), each with its family's peculiarities: GPT-J's and GPT-NeoX's
-    parallel attention and MLP with partial rotary embeddings, grouped-query attention,
-    Qwen3's query/key norms, Gemma's scaled embeddings, (1 + w) norms and tied head,
-    Phi-3's fused gate/up projection, OLMo's parameter-free layer norms."""
+    """A tiny model builder per architecture family with a built-in adapter (``model_type``
+    -> ``make(seed, dtype)``), each with its family's peculiarities: parallel attention and
+    MLP (GPT-J, GPT-NeoX, Falcon, Phi, Cohere), partial rotary embeddings, ALiBi (BLOOM),
+    grouped and multi-query attention, query/key norms (Qwen3, OLMo 2), scaled embeddings
+    and (1 + w) norms (Gemma), sliding-window layers (Mistral, Gemma 2/3), fused gate/up
+    projections (Phi-3, GLM), parameter-free norms (OLMo), ungated MLPs (StarCoder2, Arcee,
+    Apertus), and logits post-processed by the model: capped (Gemma 2/3), scaled (Cohere,
+    Granite). Initializer ranges of 0.1 where the default leaves the key statistics too
+    ill-conditioned (condition numbers of 1e5-1e7) to compare solves closely."""
     import transformers as T
 
+    gqa = {"num_key_value_heads": 2}
+    gemma = {**gqa, "head_dim": 16}
+    gpt = {"n_positions": 128, "initializer_range": 0.1}
     return {
         "gpt2": make_gpt2,
         "llama": make_llama,
-        "gptj": make_gptj,
+        "gptj": _gpt_like(
+            T.GPTJConfig, T.GPTJForCausalLM, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, **gpt
+        ),  # fmt: skip
+        "gpt_bigcode": _gpt_like(
+            T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, n_embd=64, n_layer=4, n_head=4, **gpt
+        ),  # fmt: skip
+        "falcon": _gpt_like(
+            T.FalconConfig,
+            T.FalconForCausalLM,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            multi_query=True,
+            initializer_range=0.1,
+        ),  # fmt: skip
+        "bloom": _gpt_like(
+            T.BloomConfig,
+            T.BloomForCausalLM,
+            hidden_size=64,
+            n_layer=4,
+            n_head=4,
+            initializer_range=0.1,
+        ),  # fmt: skip
         "gpt_neox": _llama_like(T.GPTNeoXConfig, T.GPTNeoXForCausalLM, rotary_pct=0.25),
-        "mistral": _llama_like(T.MistralConfig, T.MistralForCausalLM, num_key_value_heads=2),
-        "qwen2": _llama_like(T.Qwen2Config, T.Qwen2ForCausalLM, num_key_value_heads=2),
-        "qwen3": _llama_like(T.Qwen3Config, T.Qwen3ForCausalLM, num_key_value_heads=2, head_dim=16),
-        "gemma": _llama_like(T.GemmaConfig, T.GemmaForCausalLM, num_key_value_heads=1, head_dim=16),
-        "phi3": _llama_like(T.Phi3Config, T.Phi3ForCausalLM, num_key_value_heads=2),
-        "olmo": _llama_like(T.OlmoConfig, T.OlmoForCausalLM, num_key_value_heads=2),
+        "mistral": _llama_like(T.MistralConfig, T.MistralForCausalLM, **gqa),
+        "qwen2": _llama_like(T.Qwen2Config, T.Qwen2ForCausalLM, **gqa),
+        "qwen3": _llama_like(T.Qwen3Config, T.Qwen3ForCausalLM, **gemma),
+        "gemma": _llama_like(
+            T.GemmaConfig, T.GemmaForCausalLM, num_key_value_heads=1, head_dim=16
+        ),  # fmt: skip
+        "gemma2": _llama_like(T.Gemma2Config, T.Gemma2ForCausalLM, **gemma),
+        "gemma3_text": _llama_like(
+            T.Gemma3TextConfig, T.Gemma3ForCausalLM, final_logit_softcapping=30.0, **gemma
+        ),  # fmt: skip
+        "phi3": _llama_like(T.Phi3Config, T.Phi3ForCausalLM, **gqa),
+        "phi": _llama_like(T.PhiConfig, T.PhiForCausalLM),
+        "olmo": _llama_like(T.OlmoConfig, T.OlmoForCausalLM, **gqa),
+        "olmo2": _llama_like(T.Olmo2Config, T.Olmo2ForCausalLM, **gqa),
+        "olmo3": _llama_like(T.Olmo3Config, T.Olmo3ForCausalLM, **gqa),
+        "cohere": _llama_like(T.CohereConfig, T.CohereForCausalLM, logit_scale=0.5, **gqa),
+        "cohere2": _llama_like(T.Cohere2Config, T.Cohere2ForCausalLM, logit_scale=0.5, **gqa),
+        "granite": _llama_like(
+            T.GraniteConfig,
+            T.GraniteForCausalLM,
+            logits_scaling=4.0,
+            residual_multiplier=0.5,
+            embedding_multiplier=2.0,
+            **gqa,
+        ),  # fmt: skip
+        "smollm3": _llama_like(T.SmolLM3Config, T.SmolLM3ForCausalLM, **gqa),
+        "stablelm": _llama_like(T.StableLmConfig, T.StableLmForCausalLM, **gqa),
+        "starcoder2": _llama_like(T.Starcoder2Config, T.Starcoder2ForCausalLM, **gqa),
+        "glm": _llama_like(T.GlmConfig, T.GlmForCausalLM, **gemma),
+        "exaone4": _llama_like(T.Exaone4Config, T.Exaone4ForCausalLM, **gqa),
+        "arcee": _llama_like(T.ArceeConfig, T.ArceeForCausalLM, **gqa),
+        "apertus": _llama_like(T.ApertusConfig, T.ApertusForCausalLM, **gqa),
     }
 
 
