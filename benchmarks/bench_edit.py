@@ -78,7 +78,7 @@ DATASETS = ("counterfact", "zsre")
 # and EasyEdit's locality (agreement with the unedited model's predictions).
 QUALITY_KEYS = ("ES", "PS", "NS", "changed", "efficacy_acc", "paraphrase_acc",
                 "specificity_acc", "locality")  # fmt: skip
-RANDOM_ARCHS = ("gpt2-xl", "gpt-j-6b", "llama-2-7b")
+RANDOM_ARCHS = ("gpt2-xl", "gpt-j-6b", "llama-2-7b", "mistral-7b")
 MODELS = ("smollm2", "world", *RANDOM_ARCHS)
 PHASES = (
     "context_templates",
@@ -196,11 +196,11 @@ def load_world_model(dtype: torch.dtype, device: torch.device):
 
 def arch_config(name: str, tiny: bool, vocab: int):
     """The config of a published architecture (or a few-block miniature of it)."""
-    from transformers import GPT2Config, GPTJConfig, LlamaConfig
+    from transformers import GPT2Config, GPTJConfig, LlamaConfig, MistralConfig
 
-    GPT2Config, GPTJConfig, LlamaConfig = (
+    GPT2Config, GPTJConfig, LlamaConfig, MistralConfig = (
         functools.partial(c, bos_token_id=0, eos_token_id=0, pad_token_id=0)  # bench_tokenizer
-        for c in (GPT2Config, GPTJConfig, LlamaConfig)
+        for c in (GPT2Config, GPTJConfig, LlamaConfig, MistralConfig)
     )
     if name == "gpt2-xl":
         if tiny:
@@ -232,6 +232,28 @@ def arch_config(name: str, tiny: bool, vocab: int):
             num_attention_heads=32,
             num_key_value_heads=32,
             max_position_embeddings=4096,
+            vocab_size=32000,
+        )
+    if name == "mistral-7b":  # grouped-query attention, sliding-window cache layers
+        if tiny:
+            return MistralConfig(
+                hidden_size=64,
+                intermediate_size=224,
+                num_hidden_layers=6,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                sliding_window=128,
+                vocab_size=vocab,
+            )
+        return MistralConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            sliding_window=4096,
             vocab_size=32000,
         )
     raise ValueError(name)

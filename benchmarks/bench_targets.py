@@ -23,7 +23,8 @@ chunk halved by an out-of-memory error is reported as such.
 Rows go to ``targets_chunk.csv``: ``s_per_request_step`` (ms), ``requests_per_s``,
 ``peak_bytes_per_request`` (the phase's peak above what it started with, over the chunk
 size: allocated CUDA memory, or on the CPU the process's resident set),
-``speed_vs_first`` (x) and ``delta_rel_diff`` (vs the first chunk size). ``--profile C``
+``speed_vs_first`` (x) and ``delta_rel_diff`` (vs the first chunk size). ``--whole`` adds
+the first chunk size without prefix reuse (``prefix_reuse_speedup``). ``--profile C``
 then runs one chunk of ``C`` under ``torch.profiler``: ``device_busy_fraction`` (the
 kernels' time over the wall time: well below 1, a step is bound by the host's dispatch, and
 larger chunks or captured graphs are the remedy; near 1, by the kernels), top-level
@@ -64,7 +65,7 @@ from memit_fast.data import normalize_requests  # noqa: E402
 from memit_fast.keys import pad_id  # noqa: E402
 from memit_fast.targets import TargetSettings, compute_targets  # noqa: E402
 
-MODELS = ("llama-2-7b", "gpt-j-6b", "gpt2-xl", "smollm2")
+MODELS = ("llama-2-7b", "mistral-7b", "gpt-j-6b", "gpt2-xl", "smollm2")
 
 
 class _HalvingLog(logging.Handler):
@@ -135,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="CHUNK",
                     help="then profile one chunk of this size (torch.profiler): the device's "
                          "busy fraction of the wall time, ATen calls per step, the top ops")  # fmt: skip
+    ap.add_argument("--whole", action="store_true",
+                    help="also time the first chunk size with whole sequences recomputed at "
+                         "every step (no prefix reuse): what prefix reuse saves")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--csv", default="targets_chunk")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
@@ -262,6 +266,50 @@ def main(argv=None) -> int:
         flush()
         del tr
     logging.getLogger("memit_fast").removeHandler(halving)
+    elapsed = time.perf_counter() - t_start
+    if args.whole and first is not None and args.budget_s is not None:
+        if elapsed + 4 * first[0] > args.budget_s:  # whole sequences: a few times slower
+            print("SKIP whole sequences: predicted to overrun the budget", flush=True)
+            args.whole = False
+    if args.whole and first is not None and not failed:
+        # The same chunk without prefix reuse: every step recomputes whole sequences.
+        chunk = chunks[0]
+        whole = TargetSettings(**{**vars(settings), "reuse_prefix": False})
+        tick = time.perf_counter()
+        tr = compute_targets(model, editor.adapter, prepared, whole, pad, chunk)
+        synchronize(device)
+        secs = time.perf_counter() - tick
+        delta = (tr.z - tr.h).detach().double().cpu()
+        diff = float((delta - first[1]).norm() / first[1].norm().clamp_min(1e-30))
+        if not diff <= tol:
+            print(f"FAIL whole sequences: deltas differ from prefix reuse's by {diff:.3g}")
+            failed = True
+        ms_step = 1e3 * secs / (args.n * cfg.steps)
+        emit(
+            args.n,
+            f"whole chunk={chunk}",
+            {
+                "seconds": (secs, "s"),
+                "s_per_request_step": (ms_step, "ms"),
+                "prefix_reuse_speedup": (secs / first[0], "x"),
+                "delta_rel_diff": (diff, "ratio"),
+            },
+        )
+        table.append(
+            {
+                "chunk": f"{chunk}, whole sequences",
+                "s": round(secs, 3),
+                "ms / request / step": round(ms_step, 3),
+                "requests/s": round(args.n / secs, 2),
+                "peak MiB / request": "",
+                "vs first": round(first[0] / secs, 2),
+                "delta rel. diff": f"{diff:.2e}",
+                "halved (OOM)": "",
+            }
+        )
+        print(f"whole sequences, chunk {chunk}: {secs:.2f} s "
+              f"(prefix reuse: {secs / first[0]:.2f}x as fast)", flush=True)  # fmt: skip
+        flush()
     prof_md = ""
     if args.profile and not failed:
         chunk = min(args.profile, args.n)

@@ -219,8 +219,8 @@ if [ $DRY = 1 ]; then
   bench_nomd bench_covariance.py 30 --device "$DEVICE" --small --small-d 64 --small-t 256
   bench_nomd bench_update.py 30 --device "$DEVICE" --small --small-dk 64 --small-dh 32 --small-n 8
   bench_nomd bench_linalg.py 30 --device "$DEVICE" --dk 64 --n 8 --rep 1
-  bench bench_targets.py 60 --model llama-2-7b --tiny --device "$DEVICE" --n 4 --chunks 2,4 \
-    --steps 2 --threads 1 --profile 4
+  bench bench_targets.py 60 --model mistral-7b --tiny --device "$DEVICE" --n 4 --chunks 2,4 \
+    --steps 2 --threads 1 --profile 4 --whole
   if [ $WITH_TESTS = 1 ]; then
     wait_build
     run_tests "gpu tests extension and engine" 120 $EXT_TESTS
@@ -241,11 +241,11 @@ else
     --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-0,128,256,1024}" \
     --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}"
   # The target phase by chunk size: does a larger chunk pay on this device, and what does a
-  # request cost in memory (the engine's default chunk is 32)?
+  # request cost in memory (the engine's default chunk is 32)? And what prefix reuse saves.
   if [ -n "${TARGETS_MODEL-llama-2-7b}" ]; then
     bench bench_targets.py 100 --model "${TARGETS_MODEL-llama-2-7b}" --device cuda \
       --dtype bfloat16 --n 256 --chunks "${TARGETS_CHUNKS:-32,64,128,256}" --steps 5 --budget-s 80 \
-      --profile 64
+      --profile 64 --whole
   fi
   if [ "${TUNE_S:-90}" -gt 0 ]; then
     bench_nomd tune_kernels.py $(( ${TUNE_S:-90} + 30 )) --budget-s "${TUNE_S:-90}"

@@ -110,6 +110,33 @@ def test_bench_targets_times_each_chunk_size_and_checks_the_vectors(tmp_path, mo
     assert bt.main([*args[:-4], "--no-save"]) == 1
 
 
+def test_bench_targets_whole_sequences_on_a_sliding_window_model(tmp_path, monkeypatch):
+    """``--whole`` times the first chunk size without prefix reuse and checks its vectors
+    against the reused ones; the Mistral miniature (sliding-window cache layers) takes the
+    prefix cache."""
+    import memit_fast.targets as targets_mod
+
+    bt = _bench_targets()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    used = []
+    real = targets_mod._frozen_prefix_cache
+
+    def counting(*a, **k):
+        got = real(*a, **k)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(targets_mod, "_frozen_prefix_cache", counting)
+    args = ["--model", "mistral-7b", "--tiny", "--device", "cpu", "--n", "4", "--chunks", "4",
+            "--steps", "2", "--whole"]  # fmt: skip
+    assert bt.main(args) == 0
+    assert used and all(used), used
+    rows = (tmp_path / "targets_chunk.csv").read_text().splitlines()
+    got = {r.split(",")[9]: float(r.split(",")[10]) for r in rows if ",whole chunk=4," in r}
+    assert got["seconds"] > 0 and got["prefix_reuse_speedup"] > 0, got
+    assert got["delta_rel_diff"] <= 1e-4, got
+
+
 def test_bench_targets_busy_time_counts_each_kernel_once():
     """An operator's profile row carries its kernels' device time too: the busy time sums
     the kernels' rows only."""

@@ -46,6 +46,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "### target phase by chunk size" in md
     chunk_rows = (tmp_path / "targets_chunk.csv").read_text()
     assert "chunk=2,s_per_request_step" in chunk_rows and "chunk=4,delta_rel_diff" in chunk_rows
+    assert "mistral-7b-tiny" in chunk_rows and "whole chunk=2,prefix_reuse_speedup" in chunk_rows
     for png in ("edit_time_vs_n.png", "edit_speedup.png", "stats_passes.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     # Nothing was written into the repository's own results folder.
