@@ -5,7 +5,7 @@ from its config. GPT-2 and Llama have the fuller exactness suite in test_engine_
 import pytest
 import torch
 from reference_memit import ref_memit_config, ref_stats
-from tiny import CORPUS, REQUESTS, TEMPLATES, arch_makers, make_tokenizer
+from tiny import CORPUS, REQUESTS, TEMPLATES, arch_makers, count_prefix_caches, make_tokenizer
 from tiny import exact_config as config
 
 from memit_fast.arch import ARCH_SPECS, ArchSpec
@@ -71,22 +71,13 @@ def test_engine_matches_reference(model_type):
 def _targets(model, tok, monkeypatch, reuse):
     """Target vectors of REQUESTS at layer 1 (8 steps, no early stop), and per chunk group
     whether the frozen prefix cache was used."""
-    import memit_fast.targets as targets_mod
     from memit_fast.data import normalize_requests
     from memit_fast.keys import pad_id
     from memit_fast.targets import TargetSettings, compute_targets
 
     probe = Editor(model, tok, config(), stats={l: torch.eye(160) for l in (1, 2)})
     prepared = probe.prepare(normalize_requests(REQUESTS), TEMPLATES)
-    used = []
-    real = targets_mod._frozen_prefix_cache
-
-    def counting(*a, **k):
-        got = real(*a, **k)
-        used.append(got is not None)
-        return got
-
-    monkeypatch.setattr(targets_mod, "_frozen_prefix_cache", counting)
+    used = count_prefix_caches(monkeypatch)
     s = TargetSettings(layer=1, steps=8, lr=0.05, clamp_norm_factor=4.0, weight_decay=1e-3,
                        kl_factor=0.0625, early_stop_loss=0.0, reuse_prefix=reuse)  # fmt: skip
     out = compute_targets(model, probe.adapter, prepared, s, pad_id(tok), 8)

@@ -114,19 +114,11 @@ def test_bench_targets_whole_sequences_on_a_sliding_window_model(tmp_path, monke
     """``--whole`` times the first chunk size without prefix reuse and checks its vectors
     against the reused ones; the Mistral miniature (sliding-window cache layers) takes the
     prefix cache."""
-    import memit_fast.targets as targets_mod
+    from tiny import count_prefix_caches
 
     bt = _bench_targets()
     monkeypatch.setenv("OUT", str(tmp_path))
-    used = []
-    real = targets_mod._frozen_prefix_cache
-
-    def counting(*a, **k):
-        got = real(*a, **k)
-        used.append(got is not None)
-        return got
-
-    monkeypatch.setattr(targets_mod, "_frozen_prefix_cache", counting)
+    used = count_prefix_caches(monkeypatch)
     args = ["--model", "mistral-7b", "--tiny", "--device", "cpu", "--n", "4", "--chunks", "4",
             "--steps", "2", "--whole"]  # fmt: skip
     assert bt.main(args) == 0

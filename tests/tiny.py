@@ -95,40 +95,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
 
 
-def make_gpt2(seed: int = 0, dtype=torch.float32) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    tok = make_tokenizer()
-    cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_positions=128,
-        n_embd=64,
-        n_layer=4,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg).to(dtype).eval()
-
-
-def make_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    tok = make_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
 def _llama_like(config_cls, model_cls, **extra):
+    """A builder of a 4-block model of the Llama layout (``config_cls`` takes Llama's names)."""
+
     def make(seed: int = 0, dtype=torch.float32):
         torch.manual_seed(seed)
         cfg = config_cls(
@@ -149,12 +118,18 @@ def _llama_like(config_cls, model_cls, **extra):
 
 
 def _gpt_like(config_cls, model_cls, **extra):
+    """A builder of a model whose config takes GPT-2's names (sizes given in ``extra``)."""
+
     def make(seed: int = 0, dtype=torch.float32):
         torch.manual_seed(seed)
         cfg = config_cls(vocab_size=len(make_tokenizer()), bos_token_id=0, eos_token_id=0, **extra)
         return model_cls(cfg).to(dtype).eval()
 
     return make
+
+
+make_gpt2 = _gpt_like(GPT2Config, GPT2LMHeadModel, n_positions=128, n_embd=64, n_layer=4, n_head=4)
+make_llama = _llama_like(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
 
 
 def arch_makers() -> dict[str, object]:
@@ -232,6 +207,23 @@ def arch_makers() -> dict[str, object]:
         "arcee": _llama_like(T.ArceeConfig, T.ArceeForCausalLM, **gqa),
         "apertus": _llama_like(T.ApertusConfig, T.ApertusForCausalLM, **gqa),
     }
+
+
+def count_prefix_caches(monkeypatch) -> list[bool]:
+    """From now on, per group of the target phase, whether it took the frozen prefix cache
+    (``True``) or recomputes whole sequences (``False``)."""
+    import memit_fast.targets as targets_mod
+
+    used: list[bool] = []
+    real = targets_mod._frozen_prefix_cache
+
+    def counting(*a, **k):
+        got = real(*a, **k)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(targets_mod, "_frozen_prefix_cache", counting)
+    return used
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
