@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from memit_fast.arch import text_config
+
 DEFAULT_TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 SOLVERS = ("memit", "emmet", "alphaedit", "rome")
@@ -231,8 +233,8 @@ def _cfg(model_config, *names, default=None):
 
 def preset_name_for(model) -> str | None:
     """The preset that matches ``model``'s architecture and size, if any."""
-    cfg = model.config
-    mt = getattr(cfg, "model_type", None)
+    cfg = text_config(model)
+    mt = getattr(model.config, "model_type", None)
     n_layer = _cfg(cfg, "num_hidden_layers", "n_layer")
     hidden = _cfg(cfg, "hidden_size", "n_embd")
     if mt == "gpt2" and (n_layer, hidden) == (48, 1600):
@@ -258,7 +260,7 @@ def auto_config(model, **overrides) -> EditConfig:
     if name is not None:
         base = PRESETS[name]
     else:
-        n = int(_cfg(model.config, "num_hidden_layers", "n_layer", default=1))
+        n = int(_cfg(text_config(model), "num_hidden_layers", "n_layer", default=1))
         lo = max(0, round(n * 3 / 28))
         hi = max(lo, min(n - 1, round(n * 8 / 28)))
         layers = tuple(range(lo, hi + 1))[-5:]

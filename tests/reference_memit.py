@@ -30,6 +30,8 @@ def blocks_of(model):
         return model.model.layers, (lambda b: b.mlp.fc2), False
     if mt == "starcoder2":
         return model.model.layers, (lambda b: b.mlp.c_proj), False
+    if mt == "gemma3":  # image-text: the language model's blocks
+        return model.model.language_model.layers, (lambda b: b.mlp.down_proj), False
     if hasattr(model, "model") and hasattr(model.model, "layers"):
         return model.model.layers, (lambda b: b.mlp.down_proj), False  # the Llama layout
     raise NotImplementedError(mt)
@@ -108,9 +110,9 @@ def ref_target(
         input_ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
 
+    cfg = getattr(model.config, "text_config", None) or model.config
     delta = torch.zeros(
-        model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd,
-        requires_grad=True,
+        cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd, requires_grad=True
     )
     state = {}
 

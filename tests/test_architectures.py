@@ -127,6 +127,14 @@ def test_logits_post_processing_is_reproduced_or_refused():
         ad = ModelAdapter(model)
         assert ad.logit_softcap is not None or ad.logit_multiplier != 1.0, model_type
         assert ad.check_head(ids) < 1e-5
+    # Gemma 3's image-text model does not cap its logits, though its text config names a cap;
+    # capping them anyway is caught even where the logits are small (here about 0.5).
+    ad = ModelAdapter(MAKERS["gemma3"]())
+    assert ad.model.config.get_text_config().final_logit_softcapping == 30.0
+    assert ad.logit_softcap is None and ad.check_head(ids) < 1e-6
+    ad.logit_softcap = 30.0
+    with pytest.raises(UnsupportedArchitectureError, match="differ from the model's own"):
+        ad.check_head(ids)
     # A wrong final norm in a user's spec, and a forward that rescales the logits itself.
     tok = make_tokenizer()
     model = MAKERS["llama"]()

@@ -132,6 +132,23 @@ make_gpt2 = _gpt_like(GPT2Config, GPT2LMHeadModel, n_positions=128, n_embd=64, n
 make_llama = _llama_like(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
 
 
+def make_gemma3_image_text(seed: int = 0, dtype=torch.float32):
+    """Gemma 3's image-text model (a one-block vision tower) around a tiny language model."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    v = len(make_tokenizer())
+    text = dict(vocab_size=v, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                final_logit_softcapping=30.0)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    cfg = T.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                         image_token_index=v - 1, boi_token_index=v - 2, eoi_token_index=v - 3)  # fmt: skip
+    return T.Gemma3ForConditionalGeneration(cfg).to(dtype).eval()
+
+
 def arch_makers() -> dict[str, object]:
     """A tiny model builder per architecture family with a built-in adapter (``model_type``
     -> ``make(seed, dtype)``), each with its family's peculiarities: parallel attention and
@@ -184,6 +201,7 @@ def arch_makers() -> dict[str, object]:
         "gemma3_text": _llama_like(
             T.Gemma3TextConfig, T.Gemma3ForCausalLM, final_logit_softcapping=30.0, **gemma
         ),  # fmt: skip
+        "gemma3": make_gemma3_image_text,
         "phi3": _llama_like(T.Phi3Config, T.Phi3ForCausalLM, **gqa),
         "phi": _llama_like(T.PhiConfig, T.PhiForCausalLM),
         "olmo": _llama_like(T.OlmoConfig, T.OlmoForCausalLM, **gqa),
