@@ -8,7 +8,7 @@ from reference_memit import ref_memit_config, ref_stats
 from tiny import CORPUS, REQUESTS, TEMPLATES, arch_makers, count_prefix_caches, make_tokenizer
 from tiny import exact_config as config
 
-from memit_fast.arch import ARCH_SPECS, ArchSpec
+from memit_fast.arch import ARCH_SPECS, ArchSpec, ModelAdapter
 from memit_fast.editor import Editor
 
 MAKERS = arch_makers()
@@ -120,7 +120,7 @@ def test_logits_post_processing_is_reproduced_or_refused():
     a forward that does more than the adapter knows is refused before anything is written."""
     from tiny import assert_bit_identical, snapshot
 
-    from memit_fast.arch import ModelAdapter, UnsupportedArchitectureError
+    from memit_fast.arch import UnsupportedArchitectureError
 
     ids = torch.tensor([[3, 17, 42, 9, 100, 7]])
     for model_type in ("gemma3_text", "cohere", "granite"):
@@ -156,3 +156,30 @@ def test_logits_post_processing_is_reproduced_or_refused():
     with pytest.raises(UnsupportedArchitectureError, match="model.norm"):
         Editor(model, tok, config(), stats={l: torch.eye(160) for l in (1, 2)}).apply(REQUESTS[:1])
     assert_bit_identical(model, snap)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "falcon", "phi", "starcoder2", "gpt_bigcode"])
+def test_saved_edit_replays_on_another_copy(model_type, tmp_path):
+    """The weights an edit names exist under the same names in another copy of the model,
+    for the layouts unlike Llama's (a language model inside an image-text model,
+    ``transformer.h``, ``fc2``, ``c_proj``): the saved edit applies there bit for bit and
+    reverts."""
+    from tiny import assert_bit_identical, snapshot
+
+    from memit_fast import load_edit
+
+    make = MAKERS[model_type]
+    model, other = make(), make()
+    before = snapshot(other)
+    dk = ModelAdapter(model).dims()[0]
+    res = Editor(model, make_tokenizer(), config(), stats={l: torch.eye(dk) for l in (1, 2)}).apply(
+        REQUESTS[:3]
+    )
+    res.save(tmp_path / "edit")
+    edit = load_edit(tmp_path / "edit")
+    edit.apply(other)
+    for (name, p), (_, q) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert not all(torch.equal(p, before[n]) for n, p in other.state_dict().items())
+    edit.revert(other)
+    assert_bit_identical(other, before)
