@@ -92,15 +92,9 @@ def test_prefix_reuse_with_sliding_window_layers(model_type, window, monkeypatch
     step reads (Mistral's and Gemma's windows of thousands of tokens against prompts of
     tens); a group whose columns exceed it recomputes whole sequences. Either way the
     trajectories are those of whole-sequence recomputation."""
-    import transformers
-
     tok = make_tokenizer()
-    kind = {"mistral": "MistralConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}
-    make = MAKERS[model_type]
-    model = make()
-    cfg = getattr(transformers, kind[model_type])(
-        **{**model.config.to_dict(), "sliding_window": window}
-    )
+    model = MAKERS[model_type]()
+    cfg = type(model.config)(**{**model.config.to_dict(), "sliding_window": window})
     torch.manual_seed(0)
     model = type(model)(cfg).eval()
     whole, used = _targets(model, tok, monkeypatch, reuse=False)

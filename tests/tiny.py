@@ -95,23 +95,25 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
 
 
+# The sizes of the 4-block models of the Llama layout (configs that take Llama's names).
+LLAMA_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+
 def _llama_like(config_cls, model_cls, **extra):
     """A builder of a 4-block model of the Llama layout (``config_cls`` takes Llama's names)."""
 
     def make(seed: int = 0, dtype=torch.float32):
         torch.manual_seed(seed)
-        cfg = config_cls(
-            vocab_size=len(make_tokenizer()),
-            hidden_size=64,
-            intermediate_size=160,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-            **extra,
-        )
+        cfg = config_cls(vocab_size=len(make_tokenizer()), **LLAMA_SIZES, **extra)
         return model_cls(cfg).to(dtype).eval()
 
     return make
@@ -138,9 +140,7 @@ def make_gemma3_image_text(seed: int = 0, dtype=torch.float32):
 
     torch.manual_seed(seed)
     v = len(make_tokenizer())
-    text = dict(vocab_size=v, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    text = dict(vocab_size=v, **LLAMA_SIZES, num_key_value_heads=2, head_dim=16,
                 final_logit_softcapping=30.0)  # fmt: skip
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
@@ -169,10 +169,10 @@ def arch_makers() -> dict[str, object]:
         "llama": make_llama,
         "gptj": _gpt_like(
             T.GPTJConfig, T.GPTJForCausalLM, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, **gpt
-        ),  # fmt: skip
+        ),
         "gpt_bigcode": _gpt_like(
             T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, n_embd=64, n_layer=4, n_head=4, **gpt
-        ),  # fmt: skip
+        ),
         "falcon": _gpt_like(
             T.FalconConfig,
             T.FalconForCausalLM,
@@ -181,7 +181,7 @@ def arch_makers() -> dict[str, object]:
             num_attention_heads=4,
             multi_query=True,
             initializer_range=0.1,
-        ),  # fmt: skip
+        ),
         "bloom": _gpt_like(
             T.BloomConfig,
             T.BloomForCausalLM,
@@ -189,18 +189,16 @@ def arch_makers() -> dict[str, object]:
             n_layer=4,
             n_head=4,
             initializer_range=0.1,
-        ),  # fmt: skip
+        ),
         "gpt_neox": _llama_like(T.GPTNeoXConfig, T.GPTNeoXForCausalLM, rotary_pct=0.25),
         "mistral": _llama_like(T.MistralConfig, T.MistralForCausalLM, **gqa),
         "qwen2": _llama_like(T.Qwen2Config, T.Qwen2ForCausalLM, **gqa),
         "qwen3": _llama_like(T.Qwen3Config, T.Qwen3ForCausalLM, **gemma),
-        "gemma": _llama_like(
-            T.GemmaConfig, T.GemmaForCausalLM, num_key_value_heads=1, head_dim=16
-        ),  # fmt: skip
+        "gemma": _llama_like(T.GemmaConfig, T.GemmaForCausalLM, num_key_value_heads=1, head_dim=16),
         "gemma2": _llama_like(T.Gemma2Config, T.Gemma2ForCausalLM, **gemma),
         "gemma3_text": _llama_like(
             T.Gemma3TextConfig, T.Gemma3ForCausalLM, final_logit_softcapping=30.0, **gemma
-        ),  # fmt: skip
+        ),
         "gemma3": make_gemma3_image_text,
         "phi3": _llama_like(T.Phi3Config, T.Phi3ForCausalLM, **gqa),
         "phi": _llama_like(T.PhiConfig, T.PhiForCausalLM),
@@ -216,7 +214,7 @@ def arch_makers() -> dict[str, object]:
             residual_multiplier=0.5,
             embedding_multiplier=2.0,
             **gqa,
-        ),  # fmt: skip
+        ),
         "smollm3": _llama_like(T.SmolLM3Config, T.SmolLM3ForCausalLM, **gqa),
         "stablelm": _llama_like(T.StableLmConfig, T.StableLmForCausalLM, **gqa),
         "starcoder2": _llama_like(T.Starcoder2Config, T.Starcoder2ForCausalLM, **gqa),
