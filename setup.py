@@ -9,10 +9,15 @@ are added when the installed torch is a CUDA build and nvcc is found. Environmen
   MEMIT_FAST_CUDA_ARCH=9.0   CUDA architectures (else TORCH_CUDA_ARCH_LIST, else torch's
                              choice for the GPUs it sees), e.g. "8.0;9.0"
   MAX_JOBS=N                 parallel compile jobs (read by torch's ninja build)
+  CXX / CC                   the compilers; one that links libstdc++ statically (some
+                             wrappers do) is replaced by the first of g++/c++/clang++ that
+                             links it as libtorch does, with one line saying so
+                             (memit_fast/_toolchain.py)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -37,6 +42,33 @@ def _fail(message: str) -> None:
     raise SystemExit(1)
 
 
+def _toolchain():
+    """``memit_fast/_toolchain.py``, loaded by path: the package itself needs torch."""
+    spec = importlib.util.spec_from_file_location(
+        "memit_fast_toolchain",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "memit_fast", "_toolchain.py"),
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _use_shared_cxx_runtime(cxx: str) -> None:
+    """Build with a compiler that links the shared libstdc++, as libtorch is linked: a
+    compiler (wrapper) that links it statically gives an extension that crashes at its
+    first C++ error. Replaces ``CXX`` and ``CC`` for this build where needed, with one
+    line saying so."""
+    try:
+        new_cxx, cc, why = _toolchain().pick_compiler(cxx)
+    except RuntimeError as e:
+        _fail(str(e))
+    if why:
+        sys.stderr.write(f"memit_fast: {why}.\n")
+        os.environ["CXX"] = new_cxx
+        if cc:
+            os.environ["CC"] = cc
+
+
 def ext_modules_and_cmdclass():
     if _flag("MEMIT_FAST_NO_EXT"):
         return [], {}
@@ -51,6 +83,7 @@ def ext_modules_and_cmdclass():
     cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     if shutil.which(cxx.split()[0]) is None:
         _fail(f"no C++ compiler found (looked for {cxx.split()[0]!r})")
+    _use_shared_cxx_runtime(cxx)
 
     sources = [os.path.join(CSRC, "linalg.cpp"), os.path.join(CSRC, "ops.cpp")]
     define = [

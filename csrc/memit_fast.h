@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
 // "product": L times the factor of I + W W^T, W = L^-1 K, in float64, from batched calls
 // over all blocks and three GEMMs per block column (backward error grows with
 // ||K K^T|| / ||L L^T||); "auto": "qr" on the CPU, elsewhere "product" where a probe
-// finds its backward error within L's dtype (n 2^-53 for float64, 2^-24 for float32),
+// finds its backward error within L's dtype (n 2^-53 for float64, n 2^-24 for float32),
 // else "qr".
 at::Tensor cholesky_update(
     const at::Tensor& L,

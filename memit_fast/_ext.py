@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 
+from memit_fast import _toolchain
+
 log = logging.getLogger(__name__)
 
 OPS = ("cholesky", "cholesky_update", "cholesky_solve")
@@ -47,8 +49,20 @@ def load() -> ModuleType | None:
     """The extension module with its ops registered as ``torch.ops.memit_fast.*``, or
     ``None`` (one warning) when it is missing, fails to load or was built for another
     torch."""
-    if importlib.util.find_spec("memit_fast._C") is None:
+    spec = importlib.util.find_spec("memit_fast._C")
+    if spec is None:
         log.info("memit_fast._C is not built; using the torch references")
+        return None
+    if spec.origin and _toolchain.has_cxx_runtime(spec.origin) is False:
+        # Checked before loading: such a build crashes at its first C++ error.
+        warnings.warn(
+            f"memit_fast._C (built for {_built_for()}) carries its own copy of libstdc++ "
+            "(linked with -static-libstdc++): a C++ error inside it would crash the process "
+            "instead of raising. Rebuild with `pip install --no-build-isolation -e .` (setup.py "
+            "picks a compiler that links the shared one); using the torch references.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     try:
         _C = _import()

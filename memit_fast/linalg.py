@@ -38,6 +38,13 @@ UPDATE_COST = 1.5
 flop (panels and compact WY products; measured with benchmarks/bench_linalg.py: at
 dk = 1536 on the CPU the update beats refactoring 3.4x at n = 100 and 1.7x at n = 400)."""
 
+CUDA_UPDATE_MAX_KEYS = 256
+"""On CUDA, ``LayerSolver`` adds at most this many keys by an update, more by
+refactoring. Measured on an H200 at dk = 16384 (``benchmarks/results/gpu_h200.md``): at
+n = 100 the update (``auto``: the ``product`` method and its probe) took 15.7 ms against
+50.9 ms for forming and refactoring; at n = 10,000 (the Householder update) 767 ms against
+101 ms."""
+
 AUTO_MAX_STEPS = 3
 """``precision="auto"`` takes a reduced precision (a candidate on CUDA; see
 ``candidate_precisions``) only if its refinement reaches float64 accuracy within this
@@ -307,7 +314,7 @@ def cholesky_update(
       grows with ``||K K^T|| / ||L L^T||``;
     - ``"auto"``: on the CPU ``"qr"``; elsewhere ``"product"`` where a probe shows it as
       accurate as ``L.dtype`` allows (backward error <= ``n 2^-53``, a float64
-      factorization's bound, or ``2^-24`` in float32), else ``"qr"``.
+      factorization's bound, or ``n 2^-24`` in float32), else ``"qr"``.
 
     See ``csrc/linalg.cpp``."""
     if method not in UPDATE_METHODS:
@@ -599,15 +606,14 @@ class LayerSolver:
         return self.A.shape[0]
 
     def prefers_update(self, n: int) -> bool:
-        """Whether adding ``n`` keys by an update is cheaper than refactoring: the update
-        costs ``UPDATE_COST * 2 n dk^2``, a refactorization ``dk^3 / 3`` plus forming
-        ``A + K K^T`` (``2 n dk^2``). On CUDA, never: measured on an H200 at dk = 16384,
-        the update (a chain of small library calls per block) took 75.8 ms against 50.4 ms
-        for forming and refactoring at n = 100, and 310.6 against 146.2 ms at n = 10,000
-        (``benchmarks/results/gpu_h200.md``)."""
-        if self.A.device.type == "cuda":
-            return False
+        """Whether adding ``n`` keys by an update is cheaper than refactoring. On the CPU by
+        cost: the update costs ``UPDATE_COST * 2 n dk^2``, a refactorization ``dk^3 / 3``
+        plus forming ``A + K K^T`` (``2 n dk^2``). On CUDA up to ``CUDA_UPDATE_MAX_KEYS``
+        keys (``auto`` there is the ``product`` update, checked on a probe; see that
+        constant for the measurements)."""
         dk = self.dk
+        if self.A.device.type == "cuda":
+            return n <= CUDA_UPDATE_MAX_KEYS and n < dk
         return UPDATE_COST * 2 * n * dk * dk < dk**3 / 3 + 2 * n * dk * dk
 
     def solve(self, K: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
@@ -628,8 +634,10 @@ class LayerSolver:
         if self.prefers_update(K64.shape[1]):
             L = cholesky_update(self.L, K64, block_size=self.block_size, use_ext=self.use_ext)
             if self.precision == "fp64":
-                # The Householder update is backward stable: a float64 factor of the updated
-                # system needs no refinement (its residual would cost as much as the solve).
+                # The Householder update is backward stable, and ``auto`` keeps the product
+                # update only within a float64 factorization's backward error: a float64
+                # factor of the updated system needs no refinement (its residual would cost
+                # as much as the solve).
                 return cholesky_solve(L, B64, use_ext=self.use_ext)[0]
             X, history = cholesky_solve(
                 L, B64, self.A, K64, self.refine_steps, use_ext=self.use_ext

@@ -170,9 +170,10 @@ def test_fault_in_the_second_layer_write_on_device(monkeypatch):
     assert_bit_identical(model, snap)
 
 
-def test_layer_solver_refactors_on_cuda():
-    """On CUDA the solver refactors rather than updates (measured faster on an H200); on the
-    CPU the cost model decides (few keys: update). Both give the float64 solution."""
+def test_layer_solver_updates_few_keys_on_cuda():
+    """Few keys are added by an update on both devices (on CUDA up to
+    ``CUDA_UPDATE_MAX_KEYS``, measured on an H200; on the CPU by the cost model); many by
+    refactoring. Both give the float64 solution."""
     from memit_fast import linalg as la
 
     g = torch.Generator().manual_seed(0)
@@ -180,6 +181,9 @@ def test_layer_solver_refactors_on_cuda():
     C = (X @ X.T / 256).to(DEVICE)
     K = (0.05 * torch.randn(64, 4, generator=g, dtype=torch.float64)).to(DEVICE)
     solver = la.LayerSolver(C, 2.0, precision="fp64")
-    assert solver.prefers_update(4) == (not ON_CUDA)
+    assert solver.prefers_update(4) and not solver.prefers_update(64)
+    U = solver.solve(K)
+    assert rel(U, la.torch_memit_solve(C.cpu(), K.cpu(), 2.0)) <= 1e-10
+    K = (0.05 * torch.randn(64, 200, generator=g, dtype=torch.float64)).to(DEVICE)
     U = solver.solve(K)
     assert rel(U, la.torch_memit_solve(C.cpu(), K.cpu(), 2.0)) <= 1e-10
