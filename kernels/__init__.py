@@ -100,8 +100,8 @@ def covariance_accumulate(
 def _gemm_panels(device: torch.device) -> bool:
     """16-bit keys on CUDA go to cuBLAS row panels (``covariance_gemm.py``) where
     ``torch.mm`` has ``out_dtype``: on an H200 at d = 16384, t = 65536 (bf16) they ran at
-    92 % of the dense bf16 GEMM's rate against 17 % for the Triton kernel
-    (``benchmarks/results/gpu_h200.md``)."""
+    92 % of the dense bf16 GEMM's rate against 66 % for the Triton kernel with specialized
+    sizes (17 % before; ``benchmarks/results/gpu_h200.md``)."""
     from .covariance_gemm import mm_has_out_dtype
 
     return mm_has_out_dtype(device.type)
