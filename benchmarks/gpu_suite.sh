@@ -241,7 +241,7 @@ else
     --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-0,128,256,1024}" \
     --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}"
   # The target phase by chunk size: does a larger chunk pay on this device, and what does a
-  # request cost in memory (the engine's default chunk is 32)? And what prefix reuse saves.
+  # request cost in memory (the engine's default chunk is 64)? And what prefix reuse saves.
   if [ -n "${TARGETS_MODEL-llama-2-7b}" ]; then
     bench bench_targets.py 100 --model "${TARGETS_MODEL-llama-2-7b}" --device cuda \
       --dtype bfloat16 --n 256 --chunks "${TARGETS_CHUNKS:-32,64,128,256}" --steps 5 --budget-s 80 \

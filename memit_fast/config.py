@@ -40,7 +40,11 @@ class EditConfig:
         stats_dtype: accumulator dtype.
 
     Engine:
-        target_chunk_size: requests optimized together; key_chunk_size: requests per key pass;
+        target_chunk_size: requests optimized together (64: on an H200 a random llama-2-7b's
+            target phase took 5.9 ms per request and step in chunks of 64 against 12.8 in
+            chunks of 32, at about 360 MiB per request; on the 2-core CPU, SmolLM2, 103 ms
+            either way; ``benchmarks/results/targets_chunk.csv``); a chunk that runs out of
+            memory is halved; key_chunk_size: requests per key pass;
         sync_every: optimization steps between checks whether every request has stopped.
 
     Solver (the per-layer update; see :mod:`memit_fast.solvers` for the equations):
@@ -80,7 +84,7 @@ class EditConfig:
     stats_max_length: int | None = None
     stats_batch_size: int = 8
     stats_dtype: str = "float32"
-    target_chunk_size: int = 32
+    target_chunk_size: int = 64
     key_chunk_size: int = 128
     sync_every: int = 5
     solver: str = "memit"

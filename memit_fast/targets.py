@@ -619,8 +619,10 @@ def compute_targets(
     progress: bool = False,
 ) -> TargetResult:
     """Target vectors for all requests, ``chunk_size`` requests at a time. On out-of-memory
-    the chunk is halved and the work goes on (a warning says so); the result is the same,
-    since each request's trajectory does not depend on its batch."""
+    the chunk is halved and the work goes on (a warning says so). Each request's trajectory
+    does not depend on its batch but for rounding: the padding and the batch's shapes change
+    the reduction order (the deltas of different chunk sizes agreed to 1.6e-5 relative in
+    fp32 on the CPU, 6-10 % in bf16 on an H200 after 5 steps on a random llama-2-7b)."""
     parts: list[TargetResult] = []
     i = 0
     size = chunk_size
