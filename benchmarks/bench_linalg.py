@@ -94,6 +94,7 @@ class Bench:
         self.rows: list[dict[str, object]] = []
         self.update_blocks: list[int] = []
         self.update_methods: list[str] = []
+        self.trsm: list[str] = ["library"]
 
     def record(self, dk: int, n, variant: str, metric: str, value: float, unit: str) -> None:
         self.rows.append(
@@ -160,6 +161,8 @@ class Bench:
         L_ref = torch.linalg.cholesky(M64).to(L_upd.dtype)
         self.record(dk, n, "update", "rel_diff_refactor", rel(L_upd.tril(), L_ref), "ratio")
         del L_upd
+        if "blocked" in self.trsm:
+            self.blocked(C, solver, n, A64, K, K64, M64, U64, t_pub, t_ref, L_ref)
         for method in self.update_methods or ["auto"]:
             if method in ("chol", "product") and n > CHOL_UPDATE_MAX_N:
                 print(f"update_{method}: skipped at n={n} (a k x k Cholesky per block)")
@@ -204,6 +207,31 @@ class Bench:
             self.record(dk, n, variant, "bwd_err", bwd_err(M64, U, K64), "ratio")
             self.record(dk, n, variant, "speedup", t_pub / t, "x")
 
+    def blocked(self, C, solver, n, A64, K, K64, M64, U64, t_pub, t_ref, L_ref) -> None:
+        """The extension's triangular solves as GEMMs with inverted diagonal blocks
+        (``MEMIT_FAST_TRSM=blocked``), side by side with the rows above: the update (``auto``
+        and ``product``), the layer solve and, where ``dh < n``, the update order."""
+        dk, use_ext = C.shape[0], self.use_ext
+        os.environ["MEMIT_FAST_TRSM"] = "blocked"
+        try:
+            methods = [("update_blocked", "auto")]
+            if n <= CHOL_UPDATE_MAX_N:
+                methods.append(("update_product_b0_blocked", "product"))
+            for variant, method in methods:
+                t, Lb = self.timed(
+                    dk, n, variant,
+                    lambda m=method: la.cholesky_update(solver.L, K64, method=m, use_ext=use_ext),
+                )  # fmt: skip
+                self.record(dk, n, variant, "speedup_vs_refactor", t_ref / t, "x")
+                self.record(dk, n, variant, "rel_diff_refactor", rel(Lb.tril(), L_ref), "ratio")
+                del Lb
+            t, U = self.timed(dk, n, "layer_solve_blocked", lambda: solver.solve(K))
+            self.record(dk, n, "layer_solve_blocked", "rel_diff_fp64", rel(U, U64), "ratio")
+            self.record(dk, n, "layer_solve_blocked", "bwd_err", bwd_err(M64, U, K64), "ratio")
+            self.record(dk, n, "layer_solve_blocked", "speedup", t_pub / t, "x")
+        finally:
+            os.environ.pop("MEMIT_FAST_TRSM", None)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -224,6 +252,12 @@ def main() -> None:
         default="",
         help="also time cholesky_update by these methods (auto,qr,chol,product), at each block width",
     )
+    ap.add_argument(
+        "--trsm",
+        default="library",
+        help="triangular solves of the extension to time: library (trsm, the default) and/or "
+        "blocked (MEMIT_FAST_TRSM=blocked: GEMMs with inverted diagonal blocks), comma-separated",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,6 +266,9 @@ def main() -> None:
     bench = Bench(device, args.rep, False if args.no_ext else None, source)
     bench.update_blocks = [int(b) for b in args.update_blocks.split(",") if b]
     bench.update_methods = [m for m in args.update_methods.split(",") if m]
+    bench.trsm = [t for t in args.trsm.split(",") if t]
+    if not set(bench.trsm) <= {"library", "blocked"} or not bench.trsm:
+        ap.error("--trsm takes library and/or blocked")
     if args.stats:
         from safetensors.torch import load_file
 

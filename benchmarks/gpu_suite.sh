@@ -26,7 +26,8 @@
 # empty skips), STATS_MODEL (default llama-2-7b; empty skips), LINALG_DK / LINALG_N (default
 # 16384 / 100,10000), LINALG_UPDATE_BLOCKS / LINALG_UPDATE_METHODS (cholesky_update also
 # timed at these block widths, 0 the default, by these methods; default 0,128,256,1024 and
-# qr,chol,product; empty skips), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
+# qr,chol,product; empty skips), LINALG_TRSM (the extension's triangular solves timed:
+# library and/or blocked, default both), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
 # these chunk sizes on this random architecture; default llama-2-7b / 32,64,128,256; empty
 # skips).
 # Every step runs under its own time limit; a failing step is reported and the suite goes
@@ -218,7 +219,7 @@ if [ $DRY = 1 ]; then
     --max-length 24 --threads 1
   bench_nomd bench_covariance.py 30 --device "$DEVICE" --small --small-d 64 --small-t 256
   bench_nomd bench_update.py 30 --device "$DEVICE" --small --small-dk 64 --small-dh 32 --small-n 8
-  bench_nomd bench_linalg.py 30 --device "$DEVICE" --dk 64 --n 8 --rep 1
+  bench_nomd bench_linalg.py 30 --device "$DEVICE" --dk 64 --n 8 --rep 1 --trsm library,blocked
   bench bench_targets.py 60 --model mistral-7b --tiny --device "$DEVICE" --n 4 --chunks 2,4 \
     --steps 2 --threads 1 --profile 4 --whole
   if [ $WITH_TESTS = 1 ]; then
@@ -239,7 +240,7 @@ else
   # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).
   bench_nomd bench_linalg.py 120 --device cuda --dk "${LINALG_DK:-16384}" \
     --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-0,128,256,1024}" \
-    --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}"
+    --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}" --trsm "${LINALG_TRSM:-library,blocked}"
   # The target phase by chunk size: does a larger chunk pay on this device, and what does a
   # request cost in memory (the engine's default chunk is 64)? And what prefix reuse saves.
   if [ -n "${TARGETS_MODEL-llama-2-7b}" ]; then

@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace memit_fast {
@@ -423,6 +425,79 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
   return {W, at::scalar_tensor(failed, A.options().dtype(at::kInt))};
 }
 
+// Triangular solves with a lower factor L for few right-hand sides, as GEMMs: the diagonal
+// blocks of L inverted once (one batched call), then per block of rows one product with
+// its inverse and one GEMM that carries the solved rows to the rest ("right-looking").
+// On an H200, cuBLAS's trsm ran at about 6 TFLOP/s for dk = 16384 and 100 right-hand
+// sides (4.5 ms; benchmarks/results/gpu_h200/profile_linalg_call6.md), where GEMMs of
+// these shapes run several times faster. Chosen by MEMIT_FAST_TRSM=blocked (default:
+// the library's solves) until a GPU run decides; it reads only L's lower triangle.
+constexpr int64_t kTrsmBlock = 256;
+
+static bool blocked_trsm() {
+  const char* v = std::getenv("MEMIT_FAST_TRSM");
+  return v != nullptr && std::string(v) == "blocked";
+}
+
+// (nblocks, nb, nb): the inverses of tril(L)'s nb-wide diagonal blocks, the last one
+// padded with the identity.
+static at::Tensor diagonal_block_inverses(const at::Tensor& L, int64_t nb) {
+  const int64_t n = L.size(0), nblocks = (n + nb - 1) / nb, full = n / nb;
+  at::Tensor D = at::eye(nb, L.options()).repeat({nblocks, 1, 1});
+  if (full > 0) {
+    D.narrow(0, 0, full).copy_(L.as_strided(
+        {full, nb, nb}, {nb * (L.stride(0) + L.stride(1)), L.stride(0), L.stride(1)},
+        L.storage_offset()));
+  }
+  if (full < nblocks) {
+    const int64_t j = full * nb, jb = n - j;
+    D[full].narrow(0, 0, jb).narrow(1, 0, jb).copy_(L.narrow(0, j, jb).narrow(1, j, jb));
+  }
+  D.tril_();
+  return at::linalg_solve_triangular(
+      D, at::eye(nb, L.options()).expand({nblocks, nb, nb}), /*upper=*/false);
+}
+
+// X = L^-1 B (transpose = false) or L^-T B (true), B (n, m) in L's dtype; B is not
+// modified.
+static at::Tensor solve_lower(
+    const at::Tensor& L, const at::Tensor& B, bool transpose, const at::Tensor& Dinv) {
+  const int64_t n = L.size(0), nb = Dinv.size(1), nblocks = Dinv.size(0);
+  at::Tensor work = B.clone(at::MemoryFormat::Contiguous);
+  at::Tensor X = at::empty_like(work);
+  for (int64_t step = 0; step < nblocks; ++step) {
+    const int64_t J = transpose ? nblocks - 1 - step : step;
+    const int64_t j = J * nb, jb = std::min(nb, n - j);
+    const at::Tensor Di = Dinv[J].narrow(0, 0, jb).narrow(1, 0, jb);
+    at::Tensor Xj = X.narrow(0, j, jb);
+    at::mm_out(Xj, transpose ? Di.mT() : Di, work.narrow(0, j, jb));
+    if (!transpose && j + jb < n) {  // rows below: B_below -= L[below, J] X_J
+      work.narrow(0, j + jb, n - j - jb)
+          .addmm_(L.narrow(0, j + jb, n - j - jb).narrow(1, j, jb), Xj, 1, -1);
+    } else if (transpose && j > 0) {  // rows above: B_above -= L[J, above]^T X_J
+      work.narrow(0, 0, j).addmm_(L.narrow(0, j, jb).narrow(1, 0, j).mT(), Xj, 1, -1);
+    }
+  }
+  return X;
+}
+
+// L^-1 B: blocked where chosen (and L spans more than one block), else the library's trsm.
+static at::Tensor forward_solve(const at::Tensor& L, const at::Tensor& B) {
+  if (blocked_trsm() && L.size(0) > kTrsmBlock && B.dim() == 2) {
+    return solve_lower(L, B.to(L.scalar_type()), false, diagonal_block_inverses(L, kTrsmBlock));
+  }
+  return at::linalg_solve_triangular(L, B, /*upper=*/false);
+}
+
+// (L L^T)^-1 B for B (n, m) in L's dtype: blocked where chosen, else cholesky_solve.
+static at::Tensor factor_solve(const at::Tensor& B, const at::Tensor& L) {
+  if (blocked_trsm() && L.size(0) > kTrsmBlock) {
+    const at::Tensor Dinv = diagonal_block_inverses(L, kTrsmBlock);
+    return solve_lower(L, solve_lower(L, B, false, Dinv), true, Dinv);
+  }
+  return at::cholesky_solve(B, L);
+}
+
 // Block widths of the "product" update: its cost has an n^2 nb term, and three GEMMs per
 // block column.
 constexpr int64_t kProductBlock = 256;
@@ -504,7 +579,7 @@ at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t
   // O(n k^2 / nb) (many keys mean that the n^2 k terms dominate the cost anyway).
   nb = std::min(std::max(nb, k), n);
   const int64_t nblocks = (n + nb - 1) / nb;
-  const at::Tensor W = at::linalg_solve_triangular(Ld, Xd, /*upper=*/false);
+  const at::Tensor W = forward_solve(Ld, Xd);
   // W in blocks of nb rows, zero rows padding the last one (they factor as the identity).
   at::Tensor Wb = at::zeros({nblocks * nb, k}, W.options());
   Wb.narrow(0, 0, n).copy_(W);
@@ -692,7 +767,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
   const auto dtype = L.scalar_type();
   const auto finish = [vector](const at::Tensor& X) { return vector ? X.squeeze(1) : X; };
   if (!A.has_value()) {
-    return {finish(at::cholesky_solve(B2.to(dtype), L)), at::empty({0}, at::kDouble)};
+    return {finish(factor_solve(B2.to(dtype), L)), at::empty({0}, at::kDouble)};
   }
 
   const at::Tensor A64 = A->to(at::kDouble);
@@ -704,7 +779,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
     norm_m += K64.abs().sum(1).max().item<double>() * K64.abs().sum(0).max().item<double>();
   }
   const double stop = tol > 0 ? tol : std::numeric_limits<double>::epsilon() / 2;
-  at::Tensor X = at::cholesky_solve(B2.to(dtype), L).to(at::kDouble);
+  at::Tensor X = factor_solve(B2.to(dtype), L).to(at::kDouble);
   at::Tensor D;
   std::vector<double> history;
   for (int64_t step = 0;; ++step) {
@@ -729,7 +804,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
         break;
       }
     }
-    D = at::cholesky_solve(R.to(dtype), L).to(at::kDouble);
+    D = factor_solve(R.to(dtype), L).to(at::kDouble);
     X.add_(D);
   }
   at::Tensor hist = at::empty({static_cast<int64_t>(history.size())}, at::kDouble);
