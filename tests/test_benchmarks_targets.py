@@ -23,28 +23,30 @@ def by_name(vs, fragment):
 
 
 def test_h200_rows_give_the_figures_of_the_written_report():
+    """The latest H200 rows (its second session) against gpu_h200.md's figures."""
     vs = targets.verdicts(RESULTS, ["H200"], None)
     assert {v.device for v in vs} == {"NVIDIA H200"}
-    # gpu_h200.md: Triton kernel 0.17 of the dense GEMM, the 1024-wide panels 0.92.
+    # The Triton kernel with specialized sizes 0.66 of the dense GEMM, the panels 0.92.
     tri = by_name(vs, "Triton kernel")
-    assert tri.value == pytest.approx(0.17, abs=0.005) and tri.status == "missed"
+    assert tri.value == pytest.approx(0.657, abs=0.005) and tri.status == "met"
     panels = by_name(vs, "row panels")
-    assert panels.value == pytest.approx(0.92, abs=0.005) and panels.status == "met"
-    # fp32 cuBLAS solve GEMMs 1.02x at the chain's error; the split-bf16 backend's 1.37x
-    # came with error 0.354 against 0.188 and does not count.
+    assert panels.value == pytest.approx(0.918, abs=0.005) and panels.status == "met"
+    # The fused chain in the update order 2.56x at the chain's error; bf16x3's 3.66x came
+    # with error 0.262 against 0.188 and does not count.
     upd = by_name(vs, "fused solve/update")
-    assert upd.variant == "fused-cublas" and upd.value == pytest.approx(1.02, abs=0.005)
-    assert upd.status == "missed"
-    assert upd.rejected.startswith("fused-cublas-split-b1024 1.37")
-    # layer solve 274.4 against 356.4 ms at n = 10,000 (1.30x), 9.8e-14 from float64.
+    assert upd.variant == "fused-triton-b1024-update" and upd.value == pytest.approx(2.56, abs=0.01)
+    assert upd.status == "met"
+    assert upd.rejected.startswith("fused-triton-b1024-bf16x3-update 3.66")
+    # Layer solve 227.9 against 346.9 ms at n = 10,000 (1.52x).
     solve = by_name(vs, "refined layer solve")
-    assert solve.value == pytest.approx(1.30, abs=0.005) and solve.status == "missed"
-    # update / refactor 0.66x; that run did not compare the factors, so it does not count.
+    assert solve.value == pytest.approx(1.52, abs=0.01) and solve.status == "missed"
+    # The product update 12.9 against 50.6 ms for refactoring at n = 100 (3.92x).
     rank = by_name(vs, "rank-n factor update")
-    assert rank.value is None and rank.status == "missed"
-    assert rank.rejected == "update 0.665 (no rel_diff_refactor row)"
-    # The update order's layer rows came after that run.
-    assert by_name(vs, "update order").status == "not measured"
+    assert rank.variant == "update_product_b0" and rank.value == pytest.approx(3.92, abs=0.01)
+    assert rank.status == "missed"
+    # The update order: 174.0 against 375.5 ms (2.16x).
+    order = by_name(vs, "update order")
+    assert order.value == pytest.approx(2.16, abs=0.01) and order.status == "missed"
 
 
 def write(folder: Path, name: str, rows: list[tuple]) -> None:

@@ -271,7 +271,6 @@ def test_blocked_triangular_solves_match_the_library(monkeypatch, n, m, cond):
     assert rel(U @ U.T, A + K @ K.T) <= n * 2.0**-53
 
 
-
 @pytest.mark.parametrize("use_ext", PATHS)
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
 @pytest.mark.parametrize("n", SIZES)
