@@ -39,10 +39,12 @@ from benchmarks.bench_edit import (  # noqa: E402
     random_model,
 )
 from benchmarks.harness import (  # noqa: E402
+    SDPA_CHOICES,
     append_rows,
     device_name,
     make_row,
     markdown_table,
+    sdpa_context,
     synchronize,
 )
 from benchmarks.published_mode import _grouped_order, _tokenize_corpus, layer_pass  # noqa: E402
@@ -73,6 +75,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--csv", default="stats")
     ap.add_argument("--md", default=None)
+    ap.add_argument(
+        "--sdpa", default="default", choices=SDPA_CHOICES,
+        help="attention backends (no-cudnn: without cuDNN attention, which builds a graph per shape)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -104,6 +110,8 @@ def main(argv=None) -> int:
     model_label = args.model + ("-tiny" if args.tiny else "") + ("-random" if random_arch else "")
     dev_label = device_name(device)
     shape = f"layers={','.join(map(str, layers))};texts={len(texts)};tokens={n_tokens}"
+    if args.sdpa != "default":
+        shape += f";sdpa={args.sdpa}"
     print(f"# statistics: {model_label} on {dev_label}, {dtype_name}, {shape}", flush=True)
 
     def run(variant):
@@ -124,23 +132,24 @@ def main(argv=None) -> int:
             for l in layers
         }
 
-    # Warm-up: one small batch through the whole model.
-    with torch.no_grad():
-        model(input_ids=torch.tensor([texts[0][:16]], device=device), use_cache=False)
-    times, cpus, peaks, out = {}, {}, {}, {}
-    mem = PeakMemory(device)
-    for v in variants:
-        print(f"## {v} ...", flush=True)
-        mem.reset()
-        synchronize(device)
-        t0, c0 = time.perf_counter(), time.process_time()
+    with sdpa_context(args.sdpa):  # the attention backends of every timed pass
+        # Warm-up: one small batch through the whole model.
         with torch.no_grad():
-            out[v] = run(v)
-        synchronize(device)
-        times[v] = time.perf_counter() - t0
-        cpus[v] = time.process_time() - c0
-        peaks[v] = mem.peak()
-        print(f"   {times[v]:.2f} s ({cpus[v]:.2f} s CPU)", flush=True)
+            model(input_ids=torch.tensor([texts[0][:16]], device=device), use_cache=False)
+        times, cpus, peaks, out = {}, {}, {}, {}
+        mem = PeakMemory(device)
+        for v in variants:
+            print(f"## {v} ...", flush=True)
+            mem.reset()
+            synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                out[v] = run(v)
+            synchronize(device)
+            times[v] = time.perf_counter() - t0
+            cpus[v] = time.process_time() - c0
+            peaks[v] = mem.peak()
+            print(f"   {times[v]:.2f} s ({cpus[v]:.2f} s CPU)", flush=True)
     base = variants[0]
     agree = {v: max(rel(out[v][l].mom2, out[base][l].mom2) for l in layers) for v in variants[1:]}
     for v, e in agree.items():

@@ -54,10 +54,12 @@ from benchmarks.bench_edit import (  # noqa: E402
     synthetic_requests,
 )
 from benchmarks.harness import (  # noqa: E402
+    SDPA_CHOICES,
     append_rows,
     device_name,
     make_row,
     markdown_table,
+    sdpa_context,
     synchronize,
 )
 from memit_fast import Editor, auto_config  # noqa: E402
@@ -143,9 +145,17 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default="targets_chunk")
     ap.add_argument("--md", default=None, help="append the table to this markdown file")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--sdpa", default="default", choices=SDPA_CHOICES,
+                    help="attention backends (no-cudnn: without cuDNN attention, which builds "
+                         "a graph per shape)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with sdpa_context(args.sdpa):
+        return _run(args, ap)
+
+
+def _run(args, ap) -> int:
     t_start = time.perf_counter()
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -177,6 +187,8 @@ def main(argv=None) -> int:
     label += "" if args.model == "smollm2" else "-random"
     dev_label = device_name(device)
     shape = f"layer={L};steps={cfg.steps};templates={len(templates)};n={args.n}"
+    if args.sdpa != "default":
+        shape += f";sdpa={args.sdpa}"
     common = dict(
         benchmark="targets_chunk", model=label, dtype=dtype_name, device=dev_label, shape=shape
     )

@@ -29,7 +29,8 @@
 # qr,chol,product; empty skips), LINALG_TRSM (the extension's triangular solves timed:
 # library and/or blocked, default both), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
 # these chunk sizes on this random architecture; default llama-2-7b / 32,64,128,256; empty
-# skips).
+# skips), SDPA_AB (1, the default: the target and statistics steps again without cuDNN
+# attention, in processes of their own; 0 skips).
 # Every step runs under its own time limit; a failing step is reported and the suite goes
 # on; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
     --with-tests) WITH_TESTS=1 ;;
     --pack) PACK=1 ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -222,6 +223,8 @@ if [ $DRY = 1 ]; then
   bench_nomd bench_linalg.py 30 --device "$DEVICE" --dk 64 --n 8 --rep 1 --trsm library,blocked
   bench bench_targets.py 60 --model mistral-7b --tiny --device "$DEVICE" --n 4 --chunks 2,4 \
     --steps 2 --threads 1 --profile 4 --whole
+  bench bench_targets.py 30 --model mistral-7b --tiny --device "$DEVICE" --n 4 --chunks 4 \
+    --steps 2 --threads 1 --sdpa no-cudnn
   if [ $WITH_TESTS = 1 ]; then
     wait_build
     run_tests "gpu tests extension and engine" 120 $EXT_TESTS
@@ -247,6 +250,9 @@ else
     bench bench_targets.py 100 --model "${TARGETS_MODEL-llama-2-7b}" --device cuda \
       --dtype bfloat16 --n 256 --chunks "${TARGETS_CHUNKS:-32,64,128,256}" --steps 5 --budget-s 80 \
       --profile 64 --whole
+    # The same without cuDNN attention (a graph per new shape): is that the per-chunk cost?
+    [ "${SDPA_AB:-1}" = 1 ] && bench bench_targets.py 60 --model "${TARGETS_MODEL-llama-2-7b}" \
+      --device cuda --dtype bfloat16 --n 256 --chunks 32,64 --steps 5 --budget-s 50 --sdpa no-cudnn
   fi
   if [ "${TUNE_S:-90}" -gt 0 ]; then
     bench_nomd tune_kernels.py $(( ${TUNE_S:-90} + 30 )) --budget-s "${TUNE_S:-90}"
@@ -266,6 +272,8 @@ else
   if [ -n "$STATS_MODEL" ]; then
     bench bench_stats.py 40 --model "$STATS_MODEL" --device cuda --samples 1000 \
       --max-length 256 --batch-size 16
+    [ "${SDPA_AB:-1}" = 1 ] && bench bench_stats.py 40 --model "$STATS_MODEL" --device cuda \
+      --samples 1000 --max-length 256 --batch-size 16 --variants one_pass --sdpa no-cudnn
   fi
 fi
 

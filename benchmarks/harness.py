@@ -114,6 +114,28 @@ def time_fn(
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
 
 
+SDPA_CHOICES = ("default", "no-cudnn")
+
+
+def sdpa_context(choice: str):
+    """The attention backends a benchmark runs under: ``default`` (torch's choice; cuDNN
+    attention on an H200 with torch 2.11) or ``no-cudnn`` (flash, memory-efficient or math).
+    cuDNN attention builds an execution graph for every new shape, which other projects
+    measured at hundreds of milliseconds; the statistics and target phases see many shapes.
+    Run the two choices in separate processes: the graphs are cached per process."""
+    import contextlib
+
+    if choice == "default":
+        return contextlib.nullcontext()
+    if choice != "no-cudnn":
+        raise ValueError(f"sdpa: one of {SDPA_CHOICES}, got {choice!r}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )
+
+
 def make_row(**kw) -> dict[str, object]:
     row = {c: "" for c in COLUMNS}
     row["timestamp"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -170,3 +170,19 @@ def test_bench_targets_reports_a_chunk_halved_for_memory(tmp_path, monkeypatch):
     rows = (tmp_path / "targets_chunk.csv").read_text().splitlines()
     halved = {r.split(",")[8]: float(r.split(",")[10]) for r in rows if ",oom_halvings," in r}
     assert halved == {"chunk=2": 0.0, "chunk=4": 1.0}, halved
+
+
+def test_sdpa_context_leaves_the_math_alone_and_names_bad_choices():
+    """``--sdpa no-cudnn`` (bench_stats.py, bench_targets.py) only narrows the backends
+    torch may pick: on the CPU attention gives the same numbers under it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import harness
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with harness.sdpa_context("no-cudnn"):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sdpa: one of"):
+        harness.sdpa_context("flash-only")

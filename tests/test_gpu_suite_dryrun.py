@@ -47,6 +47,9 @@ def test_gpu_suite_dry_run(tmp_path):
     chunk_rows = (tmp_path / "targets_chunk.csv").read_text()
     assert "chunk=2,s_per_request_step" in chunk_rows and "chunk=4,delta_rel_diff" in chunk_rows
     assert "mistral-7b-tiny" in chunk_rows and "whole chunk=2,prefix_reuse_speedup" in chunk_rows
+    assert "sdpa=no-cudnn" in chunk_rows  # the run without cuDNN attention
+    # The extension's blocked triangular solves, timed beside the library's.
+    assert "update_blocked" in (tmp_path / "bench_linalg.csv").read_text()
     for png in ("edit_time_vs_n.png", "edit_speedup.png", "stats_passes.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     # Nothing was written into the repository's own results folder.
