@@ -531,7 +531,7 @@ class LayerSolver:
     committed so far and a Cholesky factor of it at ``precision``. ``solve(K)`` adds the
     new keys to the factor by an update (few keys) or a refactorization (many), chosen by
     cost, and (below fp64) refines against ``A + K K^T`` to float64 accuracy; ``commit(K)`` folds keys
-    into ``A`` and the factor for good (sequential editing).
+    into ``A`` and the factor for good (sequential editing), also by update or refactorization.
 
     Args:
         C: ``(dk, dk)`` second moment of the keys (float32/float64).
@@ -704,11 +704,24 @@ class LayerSolver:
         return X
 
     def commit(self, K: torch.Tensor) -> None:
-        """Fold keys ``K (dk, n)`` into the system for good: ``A += K K^T`` and the factor
-        is updated (never refactored)."""
+        """Fold keys ``K (dk, n)`` into the system for good: ``A += K K^T``, and the factor
+        is updated where ``prefers_update(n)``, else refactored at the solver's precision
+        (on an H200 at dk = 16384 and n = 10,000, refactoring took 101 ms against 767 ms
+        for the update). A refactorization that fails falls back to the update."""
         if K.dim() != 2 or K.shape[0] != self.dk:
             raise ValueError(f"{self._who()}: K must be ({self.dk}, n), got {tuple(K.shape)}")
         K64 = K.to(self.A.device, torch.float64)
+        if not self.prefers_update(K64.shape[1]):
+            A = torch.addmm(self.A, K64, K64.T)
+            L, info = cholesky(
+                A, self.precision, block_size=self.block_size, check_errors=False,
+                use_ext=self.use_ext,
+            )  # fmt: skip
+            if int(info) == 0:
+                self.A, self.L = A, L
+                self.n_committed += K64.shape[1]
+                return
+            log.info("%s: refactoring at %s failed; updating instead", self._who(), self.precision)
         self.L = cholesky_update(self.L, K64, block_size=self.block_size, use_ext=self.use_ext)
         self.A.addmm_(K64, K64.T)
         self.n_committed += K64.shape[1]

@@ -490,6 +490,42 @@ def test_layer_solver_fp64_update_and_refactor_paths(use_ext):
     assert rel(solver.solve(K[:, 30:]), torch.linalg.solve(A, Kd[:, 30:])) <= 1e-10
 
 
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+@pytest.mark.parametrize("fail", [False, True], ids=["refactor", "refactor-fails"])
+def test_layer_solver_commits_many_keys_by_refactoring(use_ext, precision, fail, monkeypatch):
+    """A commit of more keys than ``prefers_update`` takes refactors ``A + K K^T`` at the
+    solver's precision; where that factorization fails it updates instead. Both leave the
+    committed system exact and its solves at float64 accuracy."""
+    C, K = tiny_model_stats()
+    lam = 1e3
+    K = torch.cat([K, 0.5 * K.flip(1), 0.25 * K], dim=1).double()  # 144 keys
+    many, new = K[:, :120], K[:, 120:]
+    A = lam * C.double() + many @ many.T
+    solver = la.LayerSolver(C, lam, precision=precision, use_ext=use_ext)
+    assert not solver.prefers_update(many.shape[1])
+    calls = []
+    real_cholesky, real_update = la.cholesky, la.cholesky_update
+
+    def spy_cholesky(M, p, **kw):
+        calls.append(("factor", p))
+        L, info = real_cholesky(M, p, **kw)
+        return (L, torch.ones_like(info)) if fail else (L, info)
+
+    def spy_update(L, K_, **kw):
+        calls.append(("update", K_.shape[1]))
+        return real_update(L, K_, **kw)
+
+    monkeypatch.setattr(la, "cholesky", spy_cholesky)
+    monkeypatch.setattr(la, "cholesky_update", spy_update)
+    solver.commit(many)
+    monkeypatch.undo()
+    assert calls == [("factor", solver.precision)] + ([("update", 120)] if fail else [])
+    assert solver.n_committed == 120 and rel(solver.A, A) <= 1e-15
+    M = A + new @ new.T
+    assert rel(solver.solve(new), torch.linalg.solve(M, new)) <= 1e-10
+
+
 def test_layer_solver_singular_stats_raise_with_the_fix():
     X = rhs(64, 10, seed=8)  # ten tokens for 64 dimensions: C has rank 10
     with pytest.raises(la.IllConditionedError, match="layer 5.*larger lambda.*statistics"):
