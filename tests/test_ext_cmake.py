@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch.utils
 
+from memit_fast import _toolchain
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -34,3 +36,7 @@ def test_cmake_build_and_ctest(tmp_path):
     run(["cmake", "--build", str(build), "-j", os.environ.get("MAX_JOBS", "2")], REPO)
     r = run(["ctest", "--test-dir", str(build), "--output-on-failure"], REPO)
     assert "100% tests passed" in r.stdout, r.stdout
+    # The library shares libtorch's libstdc++ (memit_fast/_toolchain.py says why).
+    (lib,) = build.glob("libmemit_fast_linalg.*")
+    if _toolchain.needed(str(lib)) is not None:
+        assert _toolchain.has_cxx_runtime(str(lib)), _toolchain.needed(str(lib))
