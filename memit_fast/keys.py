@@ -121,14 +121,14 @@ def pad_id(tokenizer) -> int:
 def pad_right(
     seqs: Sequence[Sequence[int]], pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids (B, S)`` and ``attention_mask (B, S)`` with padding on the right."""
-    S = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), S), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+    """``input_ids (B, S)`` and ``attention_mask (B, S)`` with padding on the right. Built
+    from one padded list and the lengths: a few tensor operations whatever ``B``, not a
+    few per row (the target phase pads about 1,800 rows per chunk of 64 requests)."""
+    lens = [len(s) for s in seqs]
+    S = max(lens)
+    ids = torch.tensor([[*s, *[pad] * (S - n)] for s, n in zip(seqs, lens)], dtype=torch.long)
+    mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).long()
+    return ids.reshape(len(seqs), S).to(device), mask.to(device)
 
 
 # ----------------------------------------------------------------------------- forward passes

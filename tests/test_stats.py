@@ -147,3 +147,24 @@ def test_cache_distinguishes_models_and_layers(tmp_path):
     with torch.no_grad():
         ad.weight(0).add_(1.0)
     assert model_fingerprint(ad) == fp
+
+
+def test_pad_right_matches_a_row_by_row_fill():
+    """``pad_right`` (one padded list, lengths compared with a range) against filling a
+    padded matrix row by row, on ragged rows including empty ones."""
+    from memit_fast.keys import pad_right
+
+    g = torch.Generator().manual_seed(3)
+    for rows in ([[5]], [[], []], [[], [1, 2]], None):
+        if rows is None:  # random ragged rows
+            lens = torch.randint(0, 9, (13,), generator=g).tolist()
+            rows = [torch.randint(1, 50, (n,), generator=g).tolist() for n in lens]
+        width = max(len(r) for r in rows)
+        ids_ref = torch.full((len(rows), width), 7, dtype=torch.long)
+        mask_ref = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            for j, tok in enumerate(r):
+                ids_ref[i, j], mask_ref[i, j] = tok, 1
+        ids, mask = pad_right([tuple(r) for r in rows], 7, torch.device("cpu"))
+        assert ids.dtype == mask.dtype == torch.long
+        assert torch.equal(ids, ids_ref) and torch.equal(mask, mask_ref)
