@@ -161,8 +161,9 @@ class Bench:
         L_ref = torch.linalg.cholesky(M64).to(L_upd.dtype)
         self.record(dk, n, "update", "rel_diff_refactor", rel(L_upd.tril(), L_ref), "ratio")
         del L_upd
+        ref = {"t_ref": t_ref, "L_ref": L_ref, "t_pub": t_pub, "U64": U64, "M64": M64, "K64": K64}
         if "blocked" in self.trsm:
-            self.blocked(C, solver, n, A64, K, K64, M64, U64, t_pub, t_ref, L_ref)
+            self.blocked(dk, n, solver, K, ref)
         for method in self.update_methods or ["auto"]:
             if method in ("chol", "product") and n > CHOL_UPDATE_MAX_N:
                 print(f"update_{method}: skipped at n={n} (a k x k Cholesky per block)")
@@ -170,14 +171,12 @@ class Bench:
             for nb in self.update_blocks or [0]:  # block width (0: the op's default)
                 if (method, nb) == ("auto", 0):
                     continue  # the "update" row
-                variant = f"update_{method}_b{nb}"
-                t_b, Lb = self.timed(
-                    dk, n, variant,
+                self.update_rows(
+                    dk, n, f"update_{method}_b{nb}",
                     lambda m=method, nb=nb: la.cholesky_update(
                         solver.L, K64, block_size=nb, method=m, use_ext=use_ext),
+                    ref,
                 )  # fmt: skip
-                self.record(dk, n, variant, "speedup_vs_refactor", t_ref / t_b, "x")
-                self.record(dk, n, variant, "rel_diff_refactor", rel(Lb.tril(), L_ref), "ratio")
         self.record(dk, n, "layer_solve", "uses_update", int(solver.prefers_update(n)), "-")
         dh = dk // 4  # the MLP output width of GPT-2 and GPT-J (dk = 4 dh)
         if dh < n:
@@ -202,33 +201,39 @@ class Bench:
             *[(f"layer_solve_{p}", lambda s=s: s.solve(K)) for p, s in self.fixed.items()],
             ("memit_solve", lambda: la.memit_solve(C, K, LAM, use_ext=use_ext)),
         ]:
-            t, U = self.timed(dk, n, variant, fn)
-            self.record(dk, n, variant, "rel_diff_fp64", rel(U, U64), "ratio")
-            self.record(dk, n, variant, "bwd_err", bwd_err(M64, U, K64), "ratio")
-            self.record(dk, n, variant, "speedup", t_pub / t, "x")
+            self.solve_rows(dk, n, variant, fn, ref)
 
-    def blocked(self, C, solver, n, A64, K, K64, M64, U64, t_pub, t_ref, L_ref) -> None:
+    def update_rows(self, dk: int, n: int, variant: str, fn, ref: dict) -> None:
+        """A factor update timed, against refactoring (``ref``: its time and factor)."""
+        t, Lu = self.timed(dk, n, variant, fn)
+        self.record(dk, n, variant, "speedup_vs_refactor", ref["t_ref"] / t, "x")
+        self.record(dk, n, variant, "rel_diff_refactor", rel(Lu.tril(), ref["L_ref"]), "ratio")
+
+    def solve_rows(self, dk: int, n: int, variant: str, fn, ref: dict) -> None:
+        """A layer solve timed, against the published float64 solve (``ref``: its time and
+        solution, the system and the keys)."""
+        t, U = self.timed(dk, n, variant, fn)
+        self.record(dk, n, variant, "rel_diff_fp64", rel(U, ref["U64"]), "ratio")
+        self.record(dk, n, variant, "bwd_err", bwd_err(ref["M64"], U, ref["K64"]), "ratio")
+        self.record(dk, n, variant, "speedup", ref["t_pub"] / t, "x")
+
+    def blocked(self, dk: int, n: int, solver: la.LayerSolver, K, ref: dict) -> None:
         """The extension's triangular solves as GEMMs with inverted diagonal blocks
         (``MEMIT_FAST_TRSM=blocked``), side by side with the rows above: the update (``auto``
-        and ``product``), the layer solve and, where ``dh < n``, the update order."""
-        dk, use_ext = C.shape[0], self.use_ext
+        and ``product``) and the layer solve."""
+        use_ext, K64 = self.use_ext, ref["K64"]
         os.environ["MEMIT_FAST_TRSM"] = "blocked"
         try:
             methods = [("update_blocked", "auto")]
             if n <= CHOL_UPDATE_MAX_N:
                 methods.append(("update_product_b0_blocked", "product"))
             for variant, method in methods:
-                t, Lb = self.timed(
+                self.update_rows(
                     dk, n, variant,
                     lambda m=method: la.cholesky_update(solver.L, K64, method=m, use_ext=use_ext),
+                    ref,
                 )  # fmt: skip
-                self.record(dk, n, variant, "speedup_vs_refactor", t_ref / t, "x")
-                self.record(dk, n, variant, "rel_diff_refactor", rel(Lb.tril(), L_ref), "ratio")
-                del Lb
-            t, U = self.timed(dk, n, "layer_solve_blocked", lambda: solver.solve(K))
-            self.record(dk, n, "layer_solve_blocked", "rel_diff_fp64", rel(U, U64), "ratio")
-            self.record(dk, n, "layer_solve_blocked", "bwd_err", bwd_err(M64, U, K64), "ratio")
-            self.record(dk, n, "layer_solve_blocked", "speedup", t_pub / t, "x")
+            self.solve_rows(dk, n, "layer_solve_blocked", lambda: solver.solve(K), ref)
         finally:
             os.environ.pop("MEMIT_FAST_TRSM", None)
 

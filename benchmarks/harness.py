@@ -7,6 +7,7 @@ Every benchmark appends rows with the same columns to a CSV under ``benchmarks/r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -123,8 +124,6 @@ def sdpa_context(choice: str):
     cuDNN attention builds an execution graph for every new shape, which other projects
     measured at hundreds of milliseconds; the statistics and target phases see many shapes.
     Run the two choices in separate processes: the graphs are cached per process."""
-    import contextlib
-
     if choice == "default":
         return contextlib.nullcontext()
     if choice != "no-cudnn":

@@ -128,7 +128,7 @@ def pad_right(
     S = max(lens)
     ids = torch.tensor([[*s, *[pad] * (S - n)] for s, n in zip(seqs, lens)], dtype=torch.long)
     mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).long()
-    return ids.reshape(len(seqs), S).to(device), mask.to(device)
+    return ids.to(device), mask.to(device)
 
 
 # ----------------------------------------------------------------------------- forward passes

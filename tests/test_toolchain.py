@@ -41,6 +41,13 @@ def static_wrapper(tmp_path):
     return str(path)
 
 
+def _ext_origin() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("memit_fast._C")
+    return spec.origin if spec is not None else None
+
+
 def _readelf_needed(path: str) -> list[str]:
     out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True)
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out.stdout)
@@ -56,13 +63,6 @@ def test_needed_matches_readelf():
         if os.path.exists(path):
             assert _toolchain.needed(path) == _readelf_needed(path), path
     assert _toolchain.needed(os.path.join(REPO, "setup.py")) is None  # not ELF
-
-
-def _ext_origin() -> str | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("memit_fast._C")
-    return spec.origin if spec is not None else None
 
 
 @pytest.mark.skipif(_ext_origin() is None, reason="memit_fast._C not built")
