@@ -44,8 +44,8 @@ BAD_CALLS = textwrap.dedent(
         print(f"{name}: calling", flush=True)
         try:
             fn()
-        except RuntimeError as e:
-            print(f"{name}: RuntimeError: {str(e).splitlines()[0][:120]}", flush=True)
+        except (RuntimeError, ValueError) as e:
+            print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
         else:
             print(f"{name}: no error raised", flush=True)
     """

@@ -21,40 +21,65 @@ namespace {
 // Input checks: every entry point validates before any work, and says what was wrong.
 
 void check_matrix(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK_VALUE(
       t.dim() == 2, op, ": ", name, " must be a 2-D matrix, got a ", t.dim(),
       "-D tensor of shape ", t.sizes());
 }
 
 void check_square(const at::Tensor& t, const char* op, const char* name) {
   check_matrix(t, op, name);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       t.size(0) == t.size(1), op, ": ", name, " must be square, got shape ", t.sizes());
 }
 
 void check_factor_dtype(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
       " must be float32 or float64, got ", t.scalar_type());
 }
 
 void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       at::isFloatingType(t.scalar_type()), op, ": ", name,
       " must be a floating-point tensor, got ", t.scalar_type());
 }
 
 void check_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
       " but L is on ", ref.device(), "; move both to one device");
 }
 
 void check_finite(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       at::isfinite(t).all().item<bool>(), op, ": ", name,
       " contains NaN or Inf (check the statistics and the keys that built it)");
+}
+
+// A factor's lower triangle finite and its diagonal positive; what lies above the
+// diagonal is never read, so it is not checked. One pass over the lower triangle in row
+// blocks (bounded temporaries) and one host sync.
+void check_factor_values(const at::Tensor& L, const char* op, const char* name) {
+  const int64_t n = L.size(0);
+  if (n == 0) {
+    return;
+  }
+  constexpr int64_t step = 1024;
+  at::Tensor ok = at::ones({}, L.options().dtype(at::kBool));
+  for (int64_t i = 0; i < n; i += step) {
+    const int64_t ib = std::min(step, n - i);
+    // Row block i..i+ib, columns 0..i+ib: entry (r, c) is global (i + r, c), on or below
+    // the diagonal where c - r <= i.
+    ok = ok.logical_and(at::isfinite(L.narrow(0, i, ib).narrow(1, 0, i + ib).tril(i)).all());
+  }
+  const double dmin = L.diagonal().min().item<double>();
+  TORCH_CHECK_VALUE(
+      ok.item<bool>(), op, ": ", name,
+      " contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)");
+  TORCH_CHECK_VALUE(
+      dmin > 0, op, ": ", name, " must be a Cholesky factor with a positive diagonal, but its ",
+      "smallest diagonal entry is ", dmin);
 }
 
 // Largest |A_ij - A_ji| on the CPU, NaN if an off-diagonal entry is not finite: each pair
@@ -101,10 +126,10 @@ void check_symmetric_finite(const at::Tensor& A, const char* op) {
     a = asym.item<double>();
   }
   const double s = n > 0 ? A.diagonal().abs().max().item<double>() : 0.0;
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       std::isfinite(a) && std::isfinite(s), op,
       ": A contains NaN or Inf (check the statistics and the keys that built it)");
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       a <= 1e-4 * s, op, ": A must be symmetric, but max |A - A^T| = ", a,
       " against max |diag A| = ", s);
 }
@@ -251,16 +276,26 @@ bool update_panel(
   for (int64_t i = 0; i < jb; ++i) {
     const scalar_t* x = Xb + i * k;
     scalar_t* v = Vt + i * k;
-    scalar_t xn2 = 0;
-    for (int64_t p = 0; p < k; ++p) xn2 += x[p] * x[p];
     const scalar_t alpha = R[i * jb + i];
+    // |(alpha, x)| scaled by its largest entry, so that squares neither overflow nor
+    // underflow (LAPACK's nrm2 does the same): float32 keys of 1e20 or 1e-22 stay exact.
+    scalar_t scale = std::abs(alpha);
+    for (int64_t p = 0; p < k; ++p) scale = std::max(scale, std::abs(x[p]));
+    scalar_t xn2 = 0;  // sum (x_p / scale)^2
+    if (scale > 0) {
+      for (int64_t p = 0; p < k; ++p) {
+        const scalar_t y = x[p] / scale;
+        xn2 += y * y;
+      }
+    }
     scalar_t tau = 0;
     flip[i] = xn2 != 0;
     if (xn2 == 0) {
       all = false;
       for (int64_t p = 0; p < k; ++p) v[p] = 0;
     } else {
-      const scalar_t norm = std::sqrt(alpha * alpha + xn2);  // beta = -norm
+      const scalar_t a = alpha / scale;
+      const scalar_t norm = scale * std::sqrt(a * a + xn2);  // beta = -norm
       const scalar_t inv = 1 / (alpha + norm);                // 1 / (alpha - beta)
       for (int64_t p = 0; p < k; ++p) v[p] = x[p] * inv;
       tau = (alpha + norm) / norm;
@@ -366,7 +401,7 @@ Precision parse_precision(const std::string& name) {
   if (name == "fp32" || name == "float32") return Precision::kFloat32;
   if (name == "tf32") return Precision::kTF32;
   if (name == "bf16" || name == "bfloat16") return Precision::kBFloat16;
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       false, "memit_fast: unknown precision '", name,
       "'; use one of 'fp64', 'fp32', 'tf32', 'bf16'");
   return Precision::kFloat32;  // unreachable
@@ -633,7 +668,7 @@ double update_backward_error(const at::Tensor& Lnew, const at::Tensor& Ld, const
 at::Tensor cholesky_update(
     const at::Tensor& L, const at::Tensor& K, int64_t block_size, c10::string_view method) {
   constexpr const char* op = "memit_fast.cholesky_update";
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       method == "auto" || method == "qr" || method == "chol" || method == "product", op,
       ": unknown method '", std::string(method), "'; use 'auto', 'qr', 'chol' or 'product'");
   check_square(L, op, "L");
@@ -642,15 +677,16 @@ at::Tensor cholesky_update(
   check_floating(K, op, "K");
   check_device(L, K, op, "K");
   const int64_t n = L.size(0);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       K.size(0) == n, op, ": K must have ", n, " rows (one per row of L), got shape ",
       K.sizes());
   check_finite(K, op, "K");
-  if (n > 0) {
-    const double dmin = L.diagonal().min().item<double>();
-    TORCH_CHECK(
-        dmin > 0, op, ": L must be a Cholesky factor with a positive diagonal, but its ",
-        "smallest diagonal entry is ", dmin);
+  check_factor_values(L, op, "L");
+  if (L.scalar_type() == at::kFloat && K.scalar_type() == at::kDouble && K.numel() > 0) {
+    const double kmax = K.abs().max().item<double>();
+    TORCH_CHECK_VALUE(
+        kmax <= std::numeric_limits<float>::max(), op, ": K has entries beyond float32's range ",
+        "(max |K| = ", kmax, ") for the float32 factor L; use a float64 factor");
   }
 
   const auto dtype = L.scalar_type();
@@ -737,23 +773,24 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
   constexpr const char* op = "memit_fast.cholesky_solve";
   check_square(L, op, "L");
   check_factor_dtype(L, op, "L");
+  check_factor_values(L, op, "L");
   const int64_t n = L.size(0);
-  TORCH_CHECK(B.defined(), op, ": B is an undefined tensor");
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(B.defined(), op, ": B is an undefined tensor");
+  TORCH_CHECK_VALUE(
       (B.dim() == 1 || B.dim() == 2) && B.size(0) == n, op, ": B must have shape (", n,
       ",) or (", n, ", m) to match L, got ", B.sizes());
   check_floating(B, op, "B");
   check_device(L, B, op, "B");
   check_finite(B, op, "B");
-  TORCH_CHECK(refine_steps >= 0, op, ": refine_steps must be >= 0, got ", refine_steps);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(refine_steps >= 0, op, ": refine_steps must be >= 0, got ", refine_steps);
+  TORCH_CHECK_VALUE(
       !K.has_value() || A.has_value(), op,
       ": K (the low-rank part of the system matrix) needs A as well");
   if (A.has_value()) {
     check_square(*A, op, "A");
     check_factor_dtype(*A, op, "A");
     check_device(L, *A, op, "A");
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         A->size(0) == n, op, ": A must be (", n, ", ", n, ") to match L, got ", A->sizes());
     check_finite(*A, op, "A");
   }
@@ -761,7 +798,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
     check_matrix(*K, op, "K");
     check_floating(*K, op, "K");
     check_device(L, *K, op, "K");
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         K->size(0) == n, op, ": K must have ", n, " rows to match L, got shape ", K->sizes());
     check_finite(*K, op, "K");
   }
@@ -771,7 +808,15 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
   const auto dtype = L.scalar_type();
   const auto finish = [vector](const at::Tensor& X) { return vector ? X.squeeze(1) : X; };
   if (!A.has_value()) {
+    if (B2.numel() == 0) {
+      return {finish(B2.to(dtype, /*non_blocking=*/false, /*copy=*/true)), at::empty({0}, at::kDouble)};
+    }
     return {finish(factor_solve(B2.to(dtype), L)), at::empty({0}, at::kDouble)};
+  }
+  if (B2.numel() == 0) {  // nothing to solve: exactly solved, in no steps
+    return {
+        finish(B2.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true)),
+        at::zeros({1}, at::kDouble)};
   }
 
   const at::Tensor A64 = A->to(at::kDouble);
@@ -783,6 +828,9 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
     norm_m += K64.abs().sum(1).max().item<double>() * K64.abs().sum(0).max().item<double>();
   }
   const double stop = tol > 0 ? tol : std::numeric_limits<double>::epsilon() / 2;
+  // What counts as converged: the rate test gives up only where that is out of reach (the
+  // steps may still go on towards `stop`).
+  const double target = tol > 0 ? tol : backward_error_tol(n);
   at::Tensor X = factor_solve(B2.to(dtype), L).to(at::kDouble);
   at::Tensor D;
   std::vector<double> history;
@@ -801,10 +849,10 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
     if (eta <= stop || step == refine_steps) {
       break;
     }
-    // Linear convergence at the rate seen so far cannot reach `stop` in the steps left.
+    // Linear convergence at the rate seen so far cannot reach `target` in the steps left.
     if (step > 0) {
       const double rate = eta / history[history.size() - 2];
-      if (eta * std::pow(rate, static_cast<double>(refine_steps - step)) > stop) {
+      if (eta * std::pow(rate, static_cast<double>(refine_steps - step)) > target) {
         break;
       }
     }

@@ -118,6 +118,34 @@ def _check_finite(X: torch.Tensor, op: str, name: str) -> None:
         raise ValueError(f"{op}: {name} contains NaN or Inf")
 
 
+def _check_factor_values(L: torch.Tensor, op: str, name: str) -> None:
+    """``L``'s lower triangle finite and its diagonal positive (the extension's check)."""
+    if L.shape[0] == 0:
+        return
+    if not bool(torch.isfinite(L.tril()).all()):
+        raise ValueError(
+            f"{op}: {name} contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)"
+        )
+    dmin = float(L.diagonal().min())
+    if not dmin > 0:
+        raise ValueError(
+            f"{op}: {name} must be a Cholesky factor with a positive diagonal, but its smallest "
+            f"diagonal entry is {dmin}"
+        )
+
+
+def _check_symmetric(A: torch.Tensor, op: str) -> None:
+    """``A`` symmetric to ``1e-4`` of its largest diagonal entry (the extension's check)."""
+    if A.shape[0] == 0:
+        return
+    asym = float((A - A.T).abs().max())
+    scale = float(A.diagonal().abs().max())
+    if not asym <= 1e-4 * scale:
+        raise ValueError(
+            f"{op}: A must be symmetric, but max |A - A^T| = {asym} against max |diag A| = {scale}"
+        )
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -137,6 +165,7 @@ def torch_cholesky(
     precision = _canonical(precision)
     _check_square(A, "torch_cholesky", "A")
     _check_finite(A, "torch_cholesky", "A")
+    _check_symmetric(A, "torch_cholesky")
     L, info = torch.linalg.cholesky_ex(A.to(_factor_dtype(precision)))
     k = int(info)
     if k > 0:
@@ -154,6 +183,15 @@ def torch_cholesky_update(L: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """
     _check_square(L, "torch_cholesky_update", "L")
     _check_rows(K, L.shape[0], "torch_cholesky_update", "K", (2,))
+    _check_finite(K, "torch_cholesky_update", "K")
+    _check_factor_values(L, "torch_cholesky_update", "L")
+    if L.dtype == torch.float32 and K.numel():
+        kmax = float(K.abs().max())
+        if kmax > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"torch_cholesky_update: K has entries beyond float32's range (max |K| = "
+                f"{kmax}) for the float32 factor L; use a float64 factor"
+            )
     if K.shape[1] == 0:
         return L.tril()
     L64, K64 = L.to(torch.float64).tril(), K.to(torch.float64)
@@ -185,6 +223,10 @@ def _refine(
     if K64 is not None and K64.numel():
         norm_m += float(K64.abs().sum(1).max()) * float(K64.abs().sum(0).max())
     stop = tol if tol > 0 else torch.finfo(torch.float64).eps / 2
+    # What counts as converged: the rate test gives up only where that is out of reach.
+    target = tol if tol > 0 else backward_error_tol(L.shape[0])
+    if B.numel() == 0:  # nothing to solve: exactly solved, in no steps
+        return B64.clone(), torch.zeros(1, dtype=torch.float64)
     X = torch.cholesky_solve(B.to(L.dtype), L).to(torch.float64)
     D = torch.zeros_like(X)
     history: list[float] = []
@@ -202,7 +244,7 @@ def _refine(
         if eta <= stop or step == refine_steps:
             break
         if step > 0:  # linear convergence at the rate seen cannot get there in time
-            if eta * (eta / history[-2]) ** (refine_steps - step) > stop:
+            if eta * (eta / history[-2]) ** (refine_steps - step) > target:
                 break
         D = torch.cholesky_solve(R.to(L.dtype), L).to(torch.float64)
         X += D
@@ -237,6 +279,7 @@ def torch_cholesky_solve(
     """
     op = "torch_cholesky_solve"
     _check_square(L, op, "L")
+    _check_factor_values(L, op, "L")
     n = L.shape[0]
     _check_rows(B, n, op, "B", (1, 2))
     _check_finite(B, op, "B")
@@ -254,7 +297,8 @@ def torch_cholesky_solve(
         _check_finite(K, op, "K")
     B2 = B.unsqueeze(1) if B.dim() == 1 else B
     if A is None:
-        X, history = torch.cholesky_solve(B2.to(L.dtype), L), torch.empty(0, dtype=torch.float64)
+        X = torch.cholesky_solve(B2.to(L.dtype), L) if B2.numel() else B2.to(L.dtype).clone()
+        history = torch.empty(0, dtype=torch.float64)
     else:
         X, history = _refine(L, B2, A, K, refine_steps, tol)
     return (X.squeeze(1) if B.dim() == 1 else X), history
@@ -286,8 +330,25 @@ def cholesky(
         L, info = torch_cholesky(A, precision, check_errors=False)
     k = int(info)
     if check_errors and k > 0:
-        raise IllConditionedError(_not_pd_message(k - 1, A.shape[0], precision))
+        raise IllConditionedError(
+            _not_pd_message(k - 1, A.shape[0], precision) + _float32_range_hint(A, precision)
+        )
     return L, info
+
+
+def _float32_range_hint(A: torch.Tensor, precision: str) -> str:
+    """Why a float32 factor of a float64 ``A`` may fail where ``A`` is fine: its diagonal
+    does not fit float32 (rounded to Inf or to 0)."""
+    if precision == "fp64" or A.dtype != torch.float64 or A.shape[0] == 0:
+        return ""
+    d = A.diagonal().abs()
+    info = torch.finfo(torch.float32)
+    if float(d.max()) > info.max or float(d.min()) < info.tiny:
+        return (
+            f" (A's diagonal spans {float(d.min()):.3g} to {float(d.max()):.3g}, outside "
+            f"float32's range: use precision 'fp64' or rescale A)"
+        )
+    return ""
 
 
 UPDATE_METHODS = ("auto", "qr", "chol", "product")
@@ -728,7 +789,9 @@ class LayerSolver:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain tensors (for safetensors): ``A (dk, dk)`` float64, ``L (dk, dk)``,
-        ``lam``, ``n_committed`` and ``precision`` (index into ``PRECISIONS``)."""
+        ``lam``, ``n_committed`` and ``precision`` (index into ``PRECISIONS``). ``A`` and
+        ``L`` are the solver's own tensors, not copies (as with ``nn.Module.state_dict``):
+        a later ``commit`` changes ``A`` in place; ``from_state_dict`` copies them."""
         return {
             "A": self.A,
             "L": self.L,
@@ -752,8 +815,10 @@ class LayerSolver:
         if missing:
             raise KeyError(f"LayerSolver state lacks {sorted(missing)}")
         self = cls.__new__(cls)
-        self.A = state["A"].to(torch.float64)
-        self.L = state["L"].to(self.A.device)
+        # Copies: the caller's tensors (another solver's state) must not change when this
+        # solver commits keys (``commit`` updates A in place).
+        self.A = state["A"].to(torch.float64, copy=True)
+        self.L = state["L"].to(self.A.device, copy=True)
         self.lam = float(state["lam"][0])
         self.n_committed = int(state["n_committed"][0])
         self.precision = PRECISIONS[int(state["precision"][0])]

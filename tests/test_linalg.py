@@ -225,7 +225,7 @@ def test_update_unknown_method_is_named():
     L = torch.eye(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="method must be one of"):
         la.cholesky_update(L, torch.ones(3, 1), method="givens", use_ext=True)
-    with pytest.raises(RuntimeError, match="unknown method 'givens'"):
+    with pytest.raises(ValueError, match="unknown method 'givens'"):
         torch.ops.memit_fast.cholesky_update(L, torch.ones(3, 1), 0, "givens")
 
 
@@ -345,28 +345,113 @@ ERRORS = (RuntimeError, ValueError)
 def test_bad_input_names_the_problem(use_ext):
     A = spd(7, 1e2)
     L = torch.linalg.cholesky(A)
-    with pytest.raises(ERRORS, match="square"):
+    with pytest.raises(ValueError, match="square"):
         la.cholesky(torch.ones(3, 4), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="float32 or float64"):
+    with pytest.raises(ValueError, match="float32 or float64"):
         la.cholesky(torch.eye(3, dtype=torch.int64), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="NaN or Inf"):
         la.cholesky(torch.full((3, 3), float("nan")), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="unknown precision 'fp16'"):
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         la.cholesky(A, "fp16", use_ext=use_ext)
-    with pytest.raises(ERRORS, match="7 rows"):
+    with pytest.raises(ValueError, match="7 rows"):
         la.cholesky_update(L, torch.ones(6, 2), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="floating-point"):
+    with pytest.raises(ValueError, match="floating-point"):
         la.cholesky_update(L, torch.ones(7, 2, dtype=torch.int32), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="NaN or Inf"):
         la.cholesky_solve(L, torch.full((7, 2), float("inf")), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="7"):
+    with pytest.raises(ValueError, match="7"):
         la.cholesky_solve(L, torch.ones(5, 2), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="A contains NaN or Inf"):
+    with pytest.raises(ValueError, match="A contains NaN or Inf"):
         la.cholesky_solve(L, torch.ones(7, 2), torch.full((7, 7), float("nan")), use_ext=use_ext)
-    with pytest.raises(ERRORS, match="needs A"):
+    with pytest.raises(ValueError, match="needs A"):
         la.cholesky_solve(L, torch.ones(7, 2), None, torch.ones(7, 1), use_ext=use_ext)
     with pytest.raises((*ERRORS, NotImplementedError), match="(?i)meta"):
         la.cholesky(torch.eye(3, device="meta"), use_ext=True if use_ext else None)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+@pytest.mark.parametrize("method", la.UPDATE_METHODS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_update_and_solve_check_the_factor(use_ext, method, bad):
+    """A non-finite entry on or below L's diagonal, or a zero pivot, is named as L's fault
+    on both paths and by every method (not a non-finite factor, nor a misleading error)."""
+    if not use_ext and method != "auto":
+        pytest.skip("the reference has one method")
+    L = torch.linalg.cholesky(spd(40, 1e3))
+    Lb = L.clone()
+    Lb[17, 3] = bad
+    with pytest.raises(ValueError, match="L contains NaN or Inf on or below its diagonal"):
+        la.cholesky_update(Lb, rhs(40, 3), method=method, use_ext=use_ext)
+    with pytest.raises(ValueError, match="L contains NaN or Inf on or below its diagonal"):
+        la.cholesky_solve(Lb, rhs(40, 2), use_ext=use_ext)
+    L0 = L.clone()
+    L0[5, 5] = 0.0
+    with pytest.raises(ValueError, match="positive diagonal"):
+        la.cholesky_solve(L0, rhs(40, 2), use_ext=use_ext)
+    with pytest.raises(ValueError, match="positive diagonal"):
+        la.cholesky_solve(L0, rhs(40, 2), spd(40, 1e3), use_ext=use_ext)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_update_refuses_keys_beyond_float32(use_ext):
+    L = torch.linalg.cholesky(spd(30, 1e2)).float()
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        la.cholesky_update(L, rhs(30, 2, scale=1e39), use_ext=use_ext)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_factor_requires_symmetry_on_both_paths(use_ext):
+    A = spd(6, 1e2)
+    with pytest.raises(ValueError, match="must be symmetric"):
+        la.cholesky(A.tril(), "fp64", use_ext=use_ext)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_float32_factor_out_of_range_says_so(use_ext):
+    """A float64 matrix whose diagonal does not fit float32 fails in fp32 with the reason."""
+    for scale in (1e39, 1e-46):
+        with pytest.raises(la.IllConditionedError, match="outside float32's range"):
+            la.cholesky(scale * torch.eye(4, dtype=torch.float64), "fp32", use_ext=use_ext)
+    assert int(la.cholesky(1e39 * torch.eye(4, dtype=torch.float64), "fp64")[1]) == 0
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")
+@pytest.mark.parametrize("scale", [1e20, 1e-22])
+def test_householder_update_at_extreme_scales(scale):
+    """The float32 Householder update scales its norms: keys and factor of 1e20 or 1e-22
+    (squares beyond float32's range) update as accurately as at scale 1."""
+    A = spd(60, 1e2)
+    K = rhs(60, 5)
+    ref = torch.linalg.cholesky(A + K @ K.T)
+    L = (scale * torch.linalg.cholesky(A)).float()
+    Ln = la.cholesky_update(L, (scale * K).float(), method="qr", use_ext=True)
+    assert torch.isfinite(Ln).all()
+    assert rel(Ln.double() / scale, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_refinement_goes_on_while_convergence_is_in_reach(use_ext):
+    """The rate test aims at what counts as converged (sqrt(n) 2^-53), not at 2^-53: a
+    float32 factor at condition 1e7 converges slowly but within 10 steps."""
+    n = 300
+    A = spd(n, 1e7)
+    L = torch.linalg.cholesky(A.float())
+    B = rhs(n, 3)
+    X, history = la.cholesky_solve(L, B, A, None, 10, use_ext=use_ext)
+    assert la.converged(history, n), history.tolist()
+    assert rel(X, torch.linalg.solve(A, B)) <= 1e-9
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
+def test_empty_right_hand_sides(use_ext):
+    A = spd(9, 1e2)
+    L = torch.linalg.cholesky(A)
+    X, history = la.cholesky_solve(L, torch.zeros(9, 0), use_ext=use_ext)
+    assert X.shape == (9, 0) and history.numel() == 0
+    X, history = la.cholesky_solve(L.float(), torch.zeros(9, 0), A, use_ext=use_ext)
+    assert X.shape == (9, 0) and X.dtype == torch.float64 and la.converged(history, 9)
+    U = la.memit_solve(A.float(), torch.zeros(9, 0), 10.0, precision="fp32", use_ext=use_ext)
+    assert U.shape == (9, 0)
 
 
 @pytest.mark.parametrize("use_ext", PATHS)
@@ -472,6 +557,13 @@ def test_layer_solver_sequential_commit_and_state_dict(use_ext, tmp_path):
     again = la.LayerSolver.from_state_dict(load_file(str(path)), use_ext=use_ext)
     assert again.n_committed == 20 and again.precision == solver.precision
     assert torch.equal(again.solve(K2), U)
+
+    # A solver made from another's state dict (no file between) shares nothing with it.
+    A_before = solver.A.clone()
+    twin = la.LayerSolver.from_state_dict(solver.state_dict(), use_ext=use_ext)
+    twin.commit(K2[:, :3])
+    assert torch.equal(solver.A, A_before)
+    assert rel(solver.solve(K2), U) == 0.0
 
 
 @pytest.mark.parametrize("use_ext", PATHS)

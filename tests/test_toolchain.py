@@ -128,7 +128,7 @@ def test_setup_builds_with_the_shared_runtime_under_a_static_wrapper(static_wrap
         "torch.ops.load_library(sys.argv[1])\n"
         "try:\n"
         "    torch.ops.memit_fast.cholesky(torch.zeros(3, 4, dtype=torch.float64), 'fp64', 0, True)\n"
-        "except RuntimeError as e:\n"
+        "except ValueError as e:\n"
         "    print(e)\n"
     )
     run = subprocess.run(
