@@ -649,57 +649,296 @@ class LoadedEdit:
         return out
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_sha256(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _is_dtype_name(v: Any) -> bool:
+    return isinstance(v, str) and isinstance(getattr(torch, v, None), torch.dtype)
+
+
+def _is_number_or_null(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _shown(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+class _MetaReader:
+    """Typed reads of ``edit.json``: a missing or mistyped field is an :class:`ArtifactError`
+    naming the file and the field (``model.weights.2.name``)."""
+
+    def __init__(self, mf: Path):
+        self.mf = mf
+
+    def error(self, msg: str) -> ArtifactError:
+        return ArtifactError(f"{self.mf}: {msg}")
+
+    def get(self, obj: Mapping, key: str, where: str, check, what: str, default: Any = ...):
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            if default is not ...:
+                return default
+            raise self.error(f"field {name!r} is missing")
+        v = obj[key]
+        if not check(v):
+            raise self.error(f"field {name!r} must be {what}, got {_shown(v)}")
+        return v
+
+    def same_names(self, have, want, what: str) -> None:
+        """``have`` (names found) must be ``want`` (names expected), both ways."""
+        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        if extra or missing:
+            parts = [f"missing {missing}"] * bool(missing) + [f"unexpected {extra}"] * bool(extra)
+            raise self.error(f"{what}: {'; '.join(parts)}")
+
+
+def _check_meta(meta: Mapping, mf: Path) -> None:
+    """Check that ``edit.json`` has every field :class:`LoadedEdit` reads, with its type, and
+    that its parts agree: the layers listed are those of the config, of the weights, of the
+    updates and of the tensors hashed (a shortened ``layers`` would apply a partial edit)."""
+    rd = _MetaReader(mf)
+    layers = rd.get(
+        meta,
+        "layers",
+        "",
+        lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x >= 0 for x in v),
+        "a non-empty list of layer indices (ints >= 0)",
+    )
+    if layers != sorted(set(layers)):
+        raise rd.error(f"field 'layers' must be strictly increasing, got {layers}")
+    want = [str(l) for l in layers]
+
+    config = rd.get(meta, "config", "", lambda v: isinstance(v, Mapping), "an object")
+    try:
+        cfg = EditConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise rd.error(f"field 'config' is not a valid EditConfig: {e}") from None
+    if list(cfg.layers) != layers:
+        raise rd.error(f"field 'layers' {layers} disagrees with 'config.layers' {list(cfg.layers)}")
+    requests = rd.get(meta, "requests", "", lambda v: isinstance(v, list), "a list")
+    try:
+        n = len(normalize_requests(requests))
+    except (ValueError, TypeError) as e:
+        raise rd.error(f"field 'requests' is invalid: {e}") from None
+    if n != len(requests):
+        raise rd.error("field 'requests' holds duplicates (the engine's requests have none)")
+    rd.get(
+        meta,
+        "n_requests",
+        "",
+        lambda v: _is_int(v) and v == n,
+        f"{n}, the number of requests",
+        None,
+    )
+    rd.get(
+        meta,
+        "request_figures",
+        "",
+        lambda v: isinstance(v, list) and len(v) == n and all(isinstance(f, Mapping) for f in v),
+        f"a list of {n} objects (one per request)",
+        None,
+    )
+    rd.get(
+        meta,
+        "timings",
+        "",
+        lambda v: isinstance(v, Mapping) and all(_is_number_or_null(x) for x in v.values()),
+        "an object of numbers",
+        None,
+    )
+    rd.get(meta, "created_with", "", lambda v: isinstance(v, Mapping), "an object", None)
+    has_originals = rd.get(
+        meta, "has_originals", "", lambda v: isinstance(v, bool), "true or false", False
+    )
+
+    model = rd.get(meta, "model", "", lambda v: isinstance(v, Mapping), "an object")
+    rd.get(model, "model_type", "model", lambda v: v is None or isinstance(v, str), "a string")
+    rd.get(model, "config_sha256", "model", _is_sha256, "a SHA-256 (64 hex digits)")
+    rd.get(model, "config", "model", lambda v: isinstance(v, Mapping), "an object", None)
+    rd.get(model, "transposed", "model", lambda v: isinstance(v, bool), "true or false")
+    weights = rd.get(model, "weights", "model", lambda v: isinstance(v, Mapping), "an object")
+    rd.same_names(weights, want, f"field 'model.weights' must have one entry per layer {layers}")
+    names: dict[str, int] = {}
+    for l in layers:
+        w = rd.get(weights, str(l), "model.weights", lambda v: isinstance(v, Mapping), "an object")
+        where = f"model.weights.{l}"
+        name = rd.get(w, "name", where, lambda v: isinstance(v, str) and bool(v), "a name")
+        if name in names:
+            raise rd.error(f"layers {names[name]} and {l} both name the parameter {name!r}")
+        names[name] = l
+        rd.get(
+            w,
+            "shape",
+            where,
+            lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
+            "[rows, columns] (positive ints)",
+        )
+        rd.get(w, "dtype", where, _is_dtype_name, "a torch dtype name")
+        rd.get(w, "sha256_original", where, _is_sha256, "a SHA-256 (64 hex digits)")
+        rd.get(w, "sha256_edited", where, _is_sha256, "a SHA-256 (64 hex digits)")
+
+    updates = rd.get(meta, "updates", "", lambda v: isinstance(v, Mapping), "an object")
+    rd.same_names(updates, want, f"field 'updates' must have one entry per layer {layers}")
+    update_names = []
+    for l in layers:
+        u = rd.get(updates, str(l), "updates", lambda v: isinstance(v, Mapping), "an object")
+        where = f"updates.{l}"
+        kind = rd.get(u, "kind", where, lambda v: v in ("factors", "dense"), "'factors' or 'dense'")
+        expected = {k: f"layers.{l}.{k}" for k in (("R", "U") if kind == "factors" else ("delta",))}
+        rd.get(u, "tensors", where, lambda v, e=expected: v == e, f"{expected} for kind {kind!r}")
+        if kind == "factors":
+            rd.get(u, "rank", where, lambda v: _is_int(v) and v > 0, "a positive int", None)
+        update_names += expected.values()
+
+    hashes = rd.get(meta, "tensor_sha256", "", lambda v: isinstance(v, Mapping), "an object")
+    rd.same_names(
+        hashes,
+        [UPDATE_FILE] + [KEYS_FILE] * (KEYS_FILE in hashes) + [ORIGINALS_FILE] * has_originals,
+        f"field 'tensor_sha256' (has_originals is {str(has_originals).lower()})",
+    )
+    for fname in hashes:
+        rd.get(
+            hashes,
+            fname,
+            "tensor_sha256",
+            lambda v: isinstance(v, Mapping) and all(_is_sha256(x) for x in v.values()),
+            "an object of SHA-256s",
+        )
+    rd.same_names(
+        hashes[UPDATE_FILE], update_names, f"field 'tensor_sha256.{UPDATE_FILE}' (per 'updates')"
+    )
+    if KEYS_FILE in hashes:
+        rd.same_names(
+            hashes[KEYS_FILE],
+            [f"layers.{l}.keys" for l in layers],
+            f"field 'tensor_sha256.{KEYS_FILE}' (one per layer of 'layers')",
+        )
+    if has_originals:
+        originals = hashes[ORIGINALS_FILE]
+        rd.same_names(
+            originals,
+            [f"layers.{l}.weight" for l in layers],
+            f"field 'tensor_sha256.{ORIGINALS_FILE}' (one per layer of 'layers')",
+        )
+        for l in layers:
+            if originals[f"layers.{l}.weight"] != weights[str(l)]["sha256_original"]:
+                raise rd.error(
+                    f"field 'tensor_sha256.{ORIGINALS_FILE}' gives layers.{l}.weight another "
+                    f"SHA-256 than 'model.weights.{l}.sha256_original'"
+                )
+
+
+def _load_verified(f: Path, shas: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of ``f``: exactly those ``shas`` lists, each matching its SHA-256."""
+    try:
+        tensors = load_file(os.fspath(f), device="cpu")
+    except Exception as e:  # a damaged header: safetensors raises its own error types
+        raise ArtifactError(f"{f}: not a readable safetensors file ({e})") from None
+    missing = sorted(set(shas) - set(tensors))
+    if missing:
+        raise ArtifactError(f"{f}: tensors {missing} listed in {META_FILE} are missing")
+    extra = sorted(set(tensors) - set(shas))
+    if extra:
+        raise ArtifactError(f"{f}: tensors {extra} are not listed in {META_FILE}")
+    for name, t in tensors.items():
+        if tensor_sha256(t) != shas[name]:
+            raise ArtifactError(
+                f"{f}: tensor {name!r} does not match its SHA-256; the file is corrupted"
+            )
+    return tensors
+
+
+def _check_shapes(meta: Mapping, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Each stored tensor has the shape and dtype its layer's weight and requests imply."""
+    transposed = meta["model"]["transposed"]
+    n = len(meta["requests"])
+    for l in meta["layers"]:
+        rows, cols = meta["model"]["weights"][str(l)]["shape"]
+        dk, dh = (rows, cols) if transposed else (cols, rows)
+        u = meta["updates"][str(l)]
+        if u["kind"] == "factors":
+            R = tensors[f"layers.{l}.R"]
+            r = u.get("rank", R.shape[-1] if R.dim() == 2 else 0)
+            want = {f"layers.{l}.R": (dh, r), f"layers.{l}.U": (dk, r)}
+        else:
+            want = {f"layers.{l}.delta": (rows, cols)}
+        if f"layers.{l}.keys" in tensors:
+            want[f"layers.{l}.keys"] = (dk, n)
+        for name, shape in want.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape or t.dtype != torch.float32:
+                f = path / (KEYS_FILE if name.endswith(".keys") else UPDATE_FILE)
+                raise ArtifactError(
+                    f"{f}: tensor {name!r} is {t.dtype} {tuple(t.shape)}; layer {l}'s weight "
+                    f"{[rows, cols]} (transposed: {transposed}) and {n} requests in "
+                    f"{META_FILE} need torch.float32 {shape}"
+                )
+
+
 def load_edit(path: str | os.PathLike) -> LoadedEdit:
     """Read an edit saved by :func:`save_edit` (the update tensors now, the originals on
-    :meth:`LoadedEdit.revert`). Every stored tensor is verified against its SHA-256."""
+    :meth:`LoadedEdit.revert`).
+
+    ``edit.json`` is checked for every field and its type, and for agreement between its
+    parts (layers, config, weights, updates, tensor hashes); every stored tensor must be
+    listed in it with its SHA-256, and every listed tensor stored. Anything else raises
+    :class:`ArtifactError` naming the file and the field or tensor. (``edit.json`` itself
+    carries no hash: these checks catch damage and inconsistency, not a deliberate
+    rewrite of the whole edit.)"""
     path = Path(path)
     mf = path / META_FILE
     if not mf.is_file():
         raise ArtifactError(f"{path} is not a saved edit: {META_FILE} is missing")
     try:
         meta = json.loads(mf.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mf}: not valid JSON ({e})") from None
-    if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
+    if not isinstance(meta, Mapping):
+        raise ArtifactError(f"{mf}: not a memit_fast edit (a JSON {type(meta).__name__})")
+    if meta.get("format") != FORMAT:
         raise ArtifactError(f"{mf}: not a memit_fast edit (format {meta.get('format')!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
         raise ArtifactError(
-            f"{mf}: format version {version!r}; this memit_fast reads versions up to "
+            f"{mf}: format version {version!r}; this memit_fast reads versions 1 to "
             f"{FORMAT_VERSION} (upgrade memit_fast)"
         )
-    for key in ("model", "layers", "config", "requests", "updates"):
-        if key not in meta:
-            raise ArtifactError(f"{mf}: field {key!r} is missing")
+    _check_meta(meta, mf)
+    hashes = meta["tensor_sha256"]
     uf = path / UPDATE_FILE
     if not uf.is_file():
         raise ArtifactError(f"{path}: {UPDATE_FILE} is missing")
-    tensors = load_file(os.fspath(uf), device="cpu")
-    shas = meta.get("tensor_sha256", {}).get(UPDATE_FILE, {})
-    for l in meta["layers"]:
-        entry = meta["updates"].get(str(l))
-        if entry is None or entry.get("kind") not in ("factors", "dense"):
-            raise ArtifactError(f"{mf}: layer {l} has no valid update entry")
-        for name in entry["tensors"].values():
-            if name not in tensors:
-                raise ArtifactError(f"{uf}: tensor {name!r} (layer {l}) is missing")
-            if name not in shas or tensor_sha256(tensors[name]) != shas[name]:
-                raise ArtifactError(
-                    f"{uf}: tensor {name!r} (layer {l}) does not match its SHA-256; the file "
-                    "is corrupted"
-                )
+    tensors = _load_verified(uf, hashes[UPDATE_FILE])
     kf = path / KEYS_FILE
-    key_shas = meta.get("tensor_sha256", {}).get(KEYS_FILE)
-    if key_shas is not None:
+    if KEYS_FILE in hashes:
         if not kf.is_file():
             raise ArtifactError(f"{path}: {KEYS_FILE} is missing")
-        keys = load_file(os.fspath(kf), device="cpu")
-        for name, t in keys.items():
-            if key_shas.get(name) != tensor_sha256(t):
-                raise ArtifactError(
-                    f"{kf}: tensor {name!r} does not match its SHA-256; the file is corrupted"
-                )
-        tensors = {**tensors, **keys}
+        tensors = {**tensors, **_load_verified(kf, hashes[KEYS_FILE])}
+    elif kf.exists():
+        raise ArtifactError(f"{kf}: present, but {mf} lists no tensors of it (tensor_sha256)")
+    of = path / ORIGINALS_FILE
+    if not meta.get("has_originals") and of.exists():
+        raise ArtifactError(f"{of}: present, but {mf} says has_originals: false")
+    if of.is_file():  # read on revert; its tensor names are checked now (header only)
+        try:
+            with safe_open(os.fspath(of), framework="pt", device="cpu") as sf:
+                stored = list(sf.keys())
+        except Exception as e:
+            raise ArtifactError(f"{of}: not a readable safetensors file ({e})") from None
+        missing = sorted(set(hashes[ORIGINALS_FILE]) - set(stored))
+        extra = sorted(set(stored) - set(hashes[ORIGINALS_FILE]))
+        if missing or extra:
+            raise ArtifactError(
+                f"{of}: tensors {missing} listed in {META_FILE} are missing, {extra} are not listed"
+            )
+    _check_shapes(meta, tensors, path)
     return LoadedEdit(path, dict(meta), tensors)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from memit_fast.arch import text_config
+from memit_fast.stats import _DTYPES as _STATS_DTYPES
 
 DEFAULT_TEMPLATE_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -16,20 +19,73 @@ SOLVERS = ("memit", "emmet", "alphaedit", "rome")
 """The per-layer update rules ``EditConfig.solver`` selects (see memit_fast/solvers.py)."""
 SOLVE_ORDERS = ("auto", "keys", "update")
 """What MEMIT's solve is for (``EditConfig.solve_order``): the keys, or the update's columns."""
+STATS_DTYPES = tuple(_STATS_DTYPES)
+"""The accumulator dtypes of the key statistics (``EditConfig.stats_dtype``)."""
+
+# Integer fields that must be >= 1.
+_POSITIVE_INTS = (
+    "steps",
+    "context_template_length",
+    "context_template_top_k",
+    "stats_samples",
+    "stats_batch_size",
+    "target_chunk_size",
+    "key_chunk_size",
+    "sync_every",
+)
+# Float fields: (lower bound, whether it is strict); every one must also be finite.
+# early_stop_loss has no bound: the loss is >= 0, so any value <= 0 means "never stop
+# early" (the benchmarks pass -1.0).
+_FLOAT_RANGES: dict[str, tuple[float | None, bool]] = {
+    "lr": (0.0, True),
+    "clamp_norm_factor": (0.0, True),
+    "weight_decay": (0.0, False),
+    "kl_factor": (0.0, False),
+    "mom2_update_weight": (0.0, True),
+    "early_stop_loss": (None, False),
+    "emmet_ridge": (0.0, False),
+    "alphaedit_threshold": (0.0, True),
+    "alphaedit_lambda": (0.0, True),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _str_tuple(name: str, v: Any) -> tuple[str, ...]:
+    """``v`` as a tuple of strings (a bare string is refused: it would become its letters)."""
+    if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+        raise ValueError(f"EditConfig.{name} must be a sequence of strings, got {v!r}")
+    t = tuple(v)
+    bad = [s for s in t if not isinstance(s, str)]
+    if bad:
+        raise ValueError(f"EditConfig.{name} must hold strings, got {bad[0]!r} in {t!r}")
+    return t
 
 
 @dataclass(frozen=True)
 class EditConfig:
     """All settings of one MEMIT edit.
 
+    Every field is checked at construction: a value of the wrong type or out of its range
+    (given below; every float must be finite, every count an int >= 1) raises ``ValueError``
+    naming the field and the value.
+
     Algorithm (DESIGN §2):
         layers: the edited blocks ``l_1 < … < l_m``; target vectors live at ``layers[-1]``.
-        steps, lr: Adam iterations (at most) and learning rate for the target vectors.
-        clamp_norm_factor: ``||delta_i|| <= clamp_norm_factor * ||h_i||`` after each step.
-        weight_decay: weight of ``||delta|| / ||h||^2``.
-        kl_factor: weight of the KL term on the ``kl_prompt``.
-        mom2_update_weight: lambda, the weight of the key statistics in the solve.
-        early_stop_loss: a request stops optimizing when its loss drops below this.
+        steps, lr: Adam iterations (at most) and learning rate (> 0) for the target vectors.
+        clamp_norm_factor: ``||delta_i|| <= clamp_norm_factor * ||h_i||`` after each step;
+            > 0.
+        weight_decay: weight of ``||delta|| / ||h||^2``; >= 0.
+        kl_factor: weight of the KL term on the ``kl_prompt``; >= 0.
+        mom2_update_weight: lambda, the weight of the key statistics in the solve; > 0.
+        early_stop_loss: a request stops optimizing when its loss drops below this (the loss
+            is >= 0, so a value <= 0 runs every step).
         kl_prompt: the essence prompt, ``{}`` is the subject.
         context_templates: prefixes ending in ``{}`` (the first is ``"{}"``); ``None`` means
             generate them from the model with the seeds below (then stored in the result).
@@ -37,7 +93,7 @@ class EditConfig:
     Statistics:
         stats_samples: number of corpus texts; stats_max_length: tokens per text (``None``:
         the model's context length); stats_batch_size: texts per forward pass;
-        stats_dtype: accumulator dtype.
+        stats_dtype: accumulator dtype, one of :data:`STATS_DTYPES`.
 
     Engine:
         target_chunk_size: requests optimized together (64: on an H200 a random llama-2-7b's
@@ -95,14 +151,26 @@ class EditConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        layers = tuple(int(x) for x in self.layers)
+        # Every field is checked here, so that a bad value fails at construction with the
+        # field's name instead of minutes later (or never, giving a meaningless edit).
+        layers = self.layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise ValueError(f"EditConfig.layers must be a sequence of ints, got {layers!r}")
+        layers = tuple(layers)
+        for x in layers:
+            if not _is_int(x) or x < 0:
+                raise ValueError(
+                    f"EditConfig.layers must hold block indices (ints >= 0), got {x!r} in "
+                    f"{layers!r}"
+                )
+        layers = tuple(int(x) for x in layers)
         object.__setattr__(self, "layers", layers)
         if not layers:
             raise ValueError("EditConfig.layers must name at least one layer")
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"EditConfig.layers must be strictly increasing, got {layers}")
         if self.context_templates is not None:
-            t = tuple(self.context_templates)
+            t = _str_tuple("context_templates", self.context_templates)
             object.__setattr__(self, "context_templates", t)
             if not t or t[0] != "{}":
                 raise ValueError("context_templates must start with the bare template '{}'")
@@ -111,14 +179,47 @@ class EditConfig:
                     raise ValueError(
                         f"context template {s!r} must end in '{{}}' and contain it once"
                     )
-        object.__setattr__(self, "context_template_seeds", tuple(self.context_template_seeds))
+        seeds = _str_tuple("context_template_seeds", self.context_template_seeds)
+        object.__setattr__(self, "context_template_seeds", seeds)
+        if not isinstance(self.kl_prompt, str):
+            raise ValueError(f"EditConfig.kl_prompt must be a string, got {self.kl_prompt!r}")
         if self.kl_prompt.count("{}") != 1:
             raise ValueError(f"kl_prompt {self.kl_prompt!r} must contain '{{}}' exactly once")
-        for name in ("steps", "target_chunk_size", "key_chunk_size", "sync_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EditConfig.{name} must be >= 1")
-        if self.mom2_update_weight < 0:
-            raise ValueError("EditConfig.mom2_update_weight (lambda) must be >= 0")
+        for name in _POSITIVE_INTS:
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"EditConfig.{name} must be an int >= 1, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.stats_max_length is not None:
+            v = self.stats_max_length
+            if not _is_int(v) or v < 1:
+                raise ValueError(
+                    f"EditConfig.stats_max_length must be None or an int >= 1, got {v!r}"
+                )
+            object.__setattr__(self, "stats_max_length", int(v))
+        v = self.context_template_seed
+        if not _is_int(v) or not -(2**63) <= v < 2**64:
+            raise ValueError(
+                f"EditConfig.context_template_seed must be an int in [-2**63, 2**64) (a torch "
+                f"generator seed), got {v!r}"
+            )
+        object.__setattr__(self, "context_template_seed", int(v))
+        if self.stats_dtype not in STATS_DTYPES:
+            raise ValueError(
+                f"EditConfig.stats_dtype {self.stats_dtype!r} is unknown; use one of "
+                f"{', '.join(STATS_DTYPES)}"
+            )
+        for name, (low, strict) in _FLOAT_RANGES.items():
+            v = getattr(self, name)
+            try:
+                f = float(v) if _is_real(v) else math.nan
+            except OverflowError:  # an int beyond float range
+                f = math.nan
+            ok = math.isfinite(f) and (low is None or (f > low if strict else f >= low))
+            if not ok:
+                bound = "" if low is None else f" and {'>' if strict else '>='} {low:g}"
+                raise ValueError(f"EditConfig.{name} must be finite{bound}, got {v!r}")
+            object.__setattr__(self, name, f)
         if self.solver not in SOLVERS:
             raise ValueError(
                 f"EditConfig.solver {self.solver!r} is unknown; use one of {', '.join(SOLVERS)}"
@@ -128,19 +229,13 @@ class EditConfig:
                 f"EditConfig.solver 'rome' edits exactly one layer, but EditConfig.layers is "
                 f"{layers}; give a single layer or another solver"
             )
-        if not (self.emmet_ridge >= 0 and math.isfinite(self.emmet_ridge)):
-            raise ValueError(
-                f"EditConfig.emmet_ridge must be finite and >= 0, got {self.emmet_ridge}"
-            )
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(
                 f"EditConfig.solve_order {self.solve_order!r} is unknown; use one of "
                 f"{', '.join(SOLVE_ORDERS)}"
             )
-        for name in ("alphaedit_threshold", "alphaedit_lambda"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"EditConfig.{name} must be finite and > 0, got {v}")
+        if not isinstance(self.extra, Mapping):
+            raise ValueError(f"EditConfig.extra must be a dict, got {self.extra!r}")
 
     def replace(self, **changes) -> EditConfig:
         return dataclasses.replace(self, **changes)
@@ -158,11 +253,7 @@ class EditConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown EditConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        for k in ("layers", "context_templates", "context_template_seeds"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return cls(**d)  # __post_init__ turns the JSON lists into tuples
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)

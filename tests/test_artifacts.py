@@ -393,6 +393,257 @@ def test_corrupted_files_are_detected(tmp_path):
         load_edit(tmp_path)
 
 
+# ----------------------------------------------------------------------------- edit.json checks
+
+
+def _saved(tmp_path, name="edit"):
+    """A fresh copy of the tiny GPT-2 edit (factors, keys and originals) in its own dir."""
+    d = tmp_path / name
+    save_edit(case("gpt2").result, d)
+    return d
+
+
+def _rewrite_json(d, fn):
+    meta = json.loads((d / "edit.json").read_text())
+    out = fn(meta)
+    (d / "edit.json").write_text(json.dumps(meta if out is None else out))
+
+
+def _pop(obj, *path):
+    for k in path[:-1]:
+        obj = obj[k]
+    obj.pop(path[-1])
+
+
+def _set(obj, *path_and_value):
+    *path, value = path_and_value
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+
+
+def _loads_with_error(d, *fragments):
+    """load_edit raises ArtifactError naming the file (first) and every fragment."""
+    with pytest.raises(ArtifactError) as info:
+        load_edit(d)
+    msg = str(info.value)
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+# (mutation of the parsed edit.json, the field the error must name)
+MALFORMED_JSON = {
+    "kind_missing": (lambda m: _pop(m, "updates", "1", "kind"), "'updates.1.kind'"),
+    "kind_swapped": (lambda m: _set(m, "updates", "1", "kind", "dense"), "'updates.1.tensors'"),
+    "kind_unknown": (lambda m: _set(m, "updates", "2", "kind", "sparse"), "'updates.2.kind'"),
+    "tensors_renamed": (
+        lambda m: _set(m, "updates", "1", "tensors", {"R": "layers.2.R", "U": "layers.2.U"}),
+        "'updates.1.tensors'",
+    ),
+    "rank_not_int": (lambda m: _set(m, "updates", "1", "rank", "8"), "'updates.1.rank'"),
+    "update_entry_not_object": (lambda m: _set(m, "updates", "2", []), "'updates.2'"),
+    "updates_missing": (lambda m: _pop(m, "updates"), "'updates'"),
+    "weights_entry_missing": (lambda m: _pop(m, "model", "weights", "2"), "'model.weights'"),
+    "weight_name_not_str": (
+        lambda m: _set(m, "model", "weights", "1", "name", 5),
+        "'model.weights.1.name'",
+    ),
+    "weight_shape_bad": (
+        lambda m: _set(m, "model", "weights", "1", "shape", [256]),
+        "'model.weights.1.shape'",
+    ),
+    "weight_dtype_bad": (
+        lambda m: _set(m, "model", "weights", "2", "dtype", "float99"),
+        "'model.weights.2.dtype'",
+    ),
+    "weight_sha_missing": (
+        lambda m: _pop(m, "model", "weights", "1", "sha256_edited"),
+        "'model.weights.1.sha256_edited'",
+    ),
+    "weight_sha_bad": (
+        lambda m: _set(m, "model", "weights", "1", "sha256_original", "abc"),
+        "'model.weights.1.sha256_original'",
+    ),
+    "same_parameter_twice": (
+        lambda m: _set(m, "model", "weights", "2", "name", m["model"]["weights"]["1"]["name"]),
+        "both name the parameter",
+    ),
+    "transposed_not_bool": (lambda m: _set(m, "model", "transposed", "yes"), "'model.transposed'"),
+    "config_sha_missing": (lambda m: _pop(m, "model", "config_sha256"), "'model.config_sha256'"),
+    "model_not_object": (lambda m: _set(m, "model", [1, 2]), "'model'"),
+    "layers_not_list": (lambda m: _set(m, "layers", "1,2"), "'layers'"),
+    "layers_not_ints": (lambda m: _set(m, "layers", [1.0, 2.0]), "'layers'"),
+    "layers_unsorted": (lambda m: _set(m, "layers", [2, 1]), "'layers'"),
+    "config_not_object": (lambda m: _set(m, "config", None), "'config'"),
+    "config_bad_value": (lambda m: _set(m, "config", "mom2_update_weight", 0), "'config'"),
+    "config_unknown_field": (lambda m: _set(m, "config", "lambda", 3), "'config'"),
+    "requests_not_list": (lambda m: _set(m, "requests", {"a": 1}), "'requests'"),
+    "request_invalid": (lambda m: _pop(m, "requests", 0, "subject"), "'requests'"),
+    "n_requests_wrong": (lambda m: _set(m, "n_requests", 99), "'n_requests'"),
+    "figures_short": (lambda m: _pop(m, "request_figures", -1), "'request_figures'"),
+    "timings_not_numbers": (lambda m: _set(m, "timings", "total", "fast"), "'timings'"),
+    "has_originals_not_bool": (lambda m: _set(m, "has_originals", "yes"), "'has_originals'"),
+    "hashes_missing": (lambda m: _pop(m, "tensor_sha256"), "'tensor_sha256'"),
+    "update_hashes_missing": (
+        lambda m: _pop(m, "tensor_sha256", UPDATE_FILE),
+        "'tensor_sha256'",
+    ),
+    "hash_not_sha": (
+        lambda m: _set(m, "tensor_sha256", UPDATE_FILE, "layers.1.R", 7),
+        f"'tensor_sha256.{UPDATE_FILE}'",
+    ),
+    "originals_hash_disagrees": (
+        lambda m: _set(
+            m,
+            "tensor_sha256",
+            ORIGINALS_FILE,
+            "layers.1.weight",
+            m["model"]["weights"]["2"]["sha256_original"],
+        ),
+        "'model.weights.1.sha256_original'",
+    ),
+    "format_version_bool": (lambda m: _set(m, "format_version", True), "format version"),
+    "format_version_zero": (lambda m: _set(m, "format_version", 0), "format version"),
+    "json_list": (lambda m: [m], "not a memit_fast edit"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MALFORMED_JSON))
+def test_malformed_edit_json_is_an_artifact_error_naming_file_and_field(tmp_path, mutation):
+    fn, field = MALFORMED_JSON[mutation]
+    d = _saved(tmp_path)
+    _rewrite_json(d, fn)
+    msg = _loads_with_error(d, field)
+    assert msg.startswith(str(d / "edit.json")), msg
+
+
+def test_shortened_layers_is_refused_not_applied_in_part(tmp_path):
+    d = _saved(tmp_path)
+    _rewrite_json(d, lambda m: _set(m, "layers", [1]))
+    _loads_with_error(d, "edit.json", "'layers' [1]", "'config.layers' [1, 2]")
+
+    # With the config's layers shortened too, the weights, updates and hashes still list 2.
+    _rewrite_json(d, lambda m: _set(m, "config", "layers", [1]))
+    _loads_with_error(d, "edit.json", "'model.weights'", "unexpected ['2']")
+
+    # Every part of edit.json rewritten for layer 1 alone: the tensors of layer 2 are still
+    # stored, and not listed.
+    def drop_layer_2(m):
+        for obj in (m["model"]["weights"], m["updates"]):
+            obj.pop("2")
+        for f in (UPDATE_FILE, ORIGINALS_FILE, "keys.safetensors"):
+            for name in [n for n in m["tensor_sha256"][f] if n.startswith("layers.2.")]:
+                m["tensor_sha256"][f].pop(name)
+
+    _rewrite_json(d, drop_layer_2)
+    _loads_with_error(d, str(d / UPDATE_FILE), "['layers.2.R', 'layers.2.U']", "not listed")
+
+
+def test_every_listed_tensor_is_stored_and_every_stored_tensor_listed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def edit_file(d, fname, fn):
+        t = load_file(d / fname)
+        fn(t)
+        save_file(t, d / fname)
+
+    # A keys tensor deleted from keys.safetensors (the repro: it used to load without it).
+    d = _saved(tmp_path, "keys_dropped")
+    edit_file(d, "keys.safetensors", lambda t: t.pop("layers.2.keys"))
+    _loads_with_error(d, str(d / "keys.safetensors"), "'layers.2.keys'", "missing")
+
+    d = _saved(tmp_path, "update_dropped")
+    edit_file(d, UPDATE_FILE, lambda t: t.pop("layers.1.U"))
+    _loads_with_error(d, str(d / UPDATE_FILE), "'layers.1.U'", "missing")
+
+    d = _saved(tmp_path, "update_extra")
+    edit_file(d, UPDATE_FILE, lambda t: t.__setitem__("layers.3.R", torch.zeros(2)))
+    _loads_with_error(d, str(d / UPDATE_FILE), "'layers.3.R'", "not listed")
+
+    d = _saved(tmp_path, "keys_extra")
+    edit_file(d, "keys.safetensors", lambda t: t.__setitem__("stowaway", torch.zeros(2)))
+    _loads_with_error(d, str(d / "keys.safetensors"), "'stowaway'", "not listed")
+
+    d = _saved(tmp_path, "originals_dropped")
+    edit_file(d, ORIGINALS_FILE, lambda t: t.pop("layers.2.weight"))
+    _loads_with_error(d, str(d / ORIGINALS_FILE), "'layers.2.weight'", "missing")
+
+    # A keys tensor deleted from the JSON's hashes only (the file still holds it).
+    d = _saved(tmp_path, "keys_hash_dropped")
+    _rewrite_json(d, lambda m: _pop(m, "tensor_sha256", "keys.safetensors", "layers.2.keys"))
+    _loads_with_error(d, "edit.json", "'tensor_sha256.keys.safetensors'", "missing")
+
+    # The keys file's hashes removed from edit.json: the file is there, unlisted.
+    d = _saved(tmp_path, "keys_unlisted")
+    _rewrite_json(d, lambda m: _pop(m, "tensor_sha256", "keys.safetensors"))
+    _loads_with_error(d, str(d / "keys.safetensors"), "lists no tensors")
+
+    # The keys file removed, its hashes kept.
+    d = _saved(tmp_path, "keys_file_missing")
+    (d / "keys.safetensors").unlink()
+    _loads_with_error(d, "keys.safetensors is missing")
+
+    # Originals present, has_originals false (and their hashes gone).
+    d = _saved(tmp_path, "originals_unlisted")
+
+    def no_originals(m):
+        m["has_originals"] = False
+        m["tensor_sha256"].pop(ORIGINALS_FILE)
+
+    _rewrite_json(d, no_originals)
+    _loads_with_error(d, str(d / ORIGINALS_FILE), "has_originals: false")
+
+    # A damaged safetensors header.
+    d = _saved(tmp_path, "header")
+    (d / UPDATE_FILE).write_bytes(b"\xff" * 16)
+    _loads_with_error(d, str(d / UPDATE_FILE), "not a readable safetensors file")
+
+
+def test_tensor_shapes_must_fit_the_weights_and_requests(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    # A stored tensor replaced with another shape, its hash updated to match.
+    d = _saved(tmp_path, "reshaped")
+    t = load_file(d / UPDATE_FILE)
+    t["layers.1.R"] = t["layers.1.R"][:, :-1].contiguous()
+    save_file(t, d / UPDATE_FILE)
+    sha = tensor_sha256(t["layers.1.R"])
+    _rewrite_json(d, lambda m: _set(m, "tensor_sha256", UPDATE_FILE, "layers.1.R", sha))
+    _loads_with_error(d, str(d / UPDATE_FILE), "'layers.1.R'")
+
+    # The weight's orientation flipped in edit.json: the factors no longer fit it.
+    d = _saved(tmp_path, "flipped")
+    _rewrite_json(d, lambda m: _set(m, "model", "transposed", False))
+    _loads_with_error(d, "'layers.1.R'", "transposed: False")
+
+    # A request dropped (with its figures): the keys hold one column per request.
+    d = _saved(tmp_path, "fewer_requests")
+
+    def drop_request(m):
+        m["requests"].pop()
+        m["request_figures"].pop()
+        m["n_requests"] -= 1
+
+    _rewrite_json(d, drop_request)
+    _loads_with_error(d, str(d / "keys.safetensors"), "'layers.1.keys'")
+
+
+def test_a_well_formed_edit_still_loads_after_the_checks(tmp_path):
+    d = _saved(tmp_path)
+    loaded = load_edit(d)
+    assert loaded.layers == (1, 2) and sorted(loaded.keys) == [1, 2]
+
+    # Fields a save always writes but LoadedEdit does not need stay optional.
+    def drop_optional(m):
+        for k in ("n_requests", "request_figures", "timings", "created_with"):
+            m.pop(k)
+        m["updates"]["1"].pop("rank")
+
+    _rewrite_json(d, drop_optional)
+    assert load_edit(d).layers == (1, 2)
+
+
 def test_save_never_clobbers_foreign_directories(tmp_path):
     c = case("gpt2")
     (tmp_path / "mine").mkdir()
