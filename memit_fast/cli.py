@@ -50,17 +50,70 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """The cheap checks of ``--model``, ``--gguf-file`` and ``--device`` (no loading):
+    :class:`BadInput` for a directory that holds no model or a device that is not there."""
+    import torch
+
+    if not os.path.isdir(args.model):
+        raise BadInput(f"--model {args.model!r} is not a directory")
+    if args.gguf_file:
+        if not os.path.isfile(os.path.join(args.model, args.gguf_file)):
+            raise BadInput(f"--gguf-file {args.gguf_file!r} is not in {args.model!r}")
+    elif not os.path.isfile(os.path.join(args.model, "config.json")):
+        ggufs = sorted(f for f in os.listdir(args.model) if f.endswith(".gguf"))
+        hint = f" (for a GGUF file pass --gguf-file {ggufs[0]})" if ggufs else ""
+        raise BadInput(f"--model {args.model!r} holds no model: no config.json{hint}")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise BadInput(
+                f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)"
+            ) from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BadInput(f"--device {args.device!r}: CUDA is not available here")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise BadInput(
+                    f"--device {args.device!r}: there are {torch.cuda.device_count()} CUDA devices"
+                )
+
+
+def model_n_layers(args: argparse.Namespace) -> int | None:
+    """The number of blocks of the ``--model`` from its configuration alone (no weights),
+    or ``None`` if the configuration does not say."""
+    from transformers import AutoConfig
+
+    kw: dict[str, Any] = (
+        {"gguf_file": args.gguf_file} if args.gguf_file else {"local_files_only": True}
+    )
+    cfg = AutoConfig.from_pretrained(args.model, **kw)
+    get = getattr(cfg, "get_text_config", None)
+    text = get() if callable(get) else cfg
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(text, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def check_layers(layers, n_layers: int | None, what: str) -> None:
+    """:class:`BadInput` unless every layer is a block of a model with ``n_layers``."""
+    bad = [l for l in layers if l < 0 or (n_layers is not None and l >= n_layers)]
+    if bad:
+        have = f"; the model has blocks 0..{n_layers - 1}" if n_layers is not None else ""
+        raise BadInput(f"{what}: layers {bad} out of range{have}")
+
+
 def load_model(args: argparse.Namespace):
     """``(model, tokenizer)`` from ``--model`` (and ``--gguf-file``), in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.isdir(args.model):
-        raise BadInput(f"--model {args.model!r} is not a directory")
+    check_model_args(args)
     kw: dict[str, Any] = {}
     if args.gguf_file:
-        if not os.path.isfile(os.path.join(args.model, args.gguf_file)):
-            raise BadInput(f"--gguf-file {args.gguf_file!r} is not in {args.model!r}")
         kw["gguf_file"] = args.gguf_file
     else:
         kw["local_files_only"] = True
@@ -79,19 +132,29 @@ def load_model(args: argparse.Namespace):
     return model, tokenizer
 
 
-def load_data(path: str, n: int | None, fmt: str, skip_invalid: bool = False):
-    """Requests from a data file; ``fmt`` ``auto`` detects, ``zsre-alt`` is EasyEdit's zsRE;
-    ``skip_invalid`` leaves malformed records out (logged) instead of failing."""
+def load_data(path: str, n: int | None, fmt: str, skip_invalid: bool = False, flag: str = "--data"):
+    """Requests from a data file (given as option ``flag``); ``fmt`` ``auto`` detects,
+    ``zsre-alt`` is EasyEdit's zsRE; ``skip_invalid`` leaves malformed records out (logged)
+    instead of failing."""
     from memit_fast.data import load_requests, load_zsre
 
     if not os.path.isfile(path):
-        raise BadInput(f"--data {path!r} is not a file")
+        raise BadInput(f"{flag} {path!r} is not a file")
     if n is not None and n < 1:
         raise BadInput(f"-n must be at least 1, got {n}")
     errors = "skip" if skip_invalid else "raise"
     if fmt == "zsre-alt":
         return load_zsre(path, n=n, target="alt", errors=errors)
     return load_requests(path, n=n, format=None if fmt == "auto" else fmt, errors=errors)
+
+
+def check_out_file(path: str, flag: str = "--out") -> None:
+    """:class:`BadInput` unless a file can be written at ``path`` (its directory exists)."""
+    if os.path.isdir(path):
+        raise BadInput(f"{flag} {path!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise BadInput(f"{flag} {path!r}: the directory {parent!r} does not exist")
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,17 +199,94 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
+def model_context(model) -> int | None:
+    """The longest sequence ``model`` takes (its position table), if its config says."""
+    from memit_fast.arch import text_config
+
+    cfg = text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _scored_pairs(r, kind: str) -> list[tuple[str, str, list[str]]]:
+    """``(field, prompt, continuations)`` for each prompt of request ``r`` that the
+    ``kind`` metrics (``counterfact`` or ``zsre``) score."""
+    from memit_fast.evaluate import with_leading_space
+
+    cf = kind == "counterfact"
+    tgts = [r.target] + ([r.target_true] if cf and r.target_true is not None else [])
+    out = [("prompt'", r.text, tgts)]
+    out += [(f"paraphrase_prompts' item {j}", p, tgts) for j, p in enumerate(r.paraphrase_prompts)]
+    for j, p in enumerate(r.neighborhood_prompts):
+        ans = r.neighborhood_targets[j] if r.neighborhood_targets else r.target_true
+        if ans is not None:
+            out.append((f"neighborhood_prompts' item {j}", p, [r.target, ans] if cf else [ans]))
+    return [(f, p, [with_leading_space(c) for c in cs]) for f, p, cs in out]
+
+
+def check_sequences(
+    requests, tokenizer, kind: str, n_ctx: int | None, name: str, skipped: bool = False
+) -> None:
+    """:class:`BadInput` naming the record and field of the first prompt + target scored
+    by the ``kind`` metrics that is longer than the model's context ``n_ctx``. ``skipped``:
+    invalid records were left out, so positions are not the file's record indices."""
+    from memit_fast.evaluate import encode_continuation
+
+    for i, r in enumerate(requests):
+        for field, prompt, conts in _scored_pairs(r, kind):
+            for c in conts:
+                # Tokens never outnumber UTF-8 bytes by more than a few specials: only
+                # texts near the limit are tokenized here (the metrics tokenize them all).
+                if n_ctx is not None and len((prompt + c).encode()) + 8 <= n_ctx:
+                    continue
+                pos = f"request {i} of the valid ones" if skipped else f"record {i}"
+                where = f"{name} {pos} (case_id {r.case_id}): field '{field}"
+                try:
+                    p_ids, c_ids = encode_continuation(tokenizer, prompt, c)
+                except ValueError as e:
+                    raise BadInput(f"{where}: {e}") from None
+                if n_ctx is not None and len(p_ids) + len(c_ids) > n_ctx:
+                    t = c.strip()
+                    t = t if len(t) <= 40 else t[:37] + "..."
+                    raise BadInput(
+                        f"{where} with its target {t!r} is {len(p_ids) + len(c_ids)} tokens, "
+                        f"longer than the model's context of {n_ctx} tokens"
+                    )
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from memit_fast.evaluate import counterfact_metrics, format_metrics, zsre_metrics
 
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.top_k is not None and args.top_k < 1:
+        raise BadInput(f"--top-k must be at least 1, got {args.top_k}")
+    if args.max_length < 1:
+        raise BadInput(f"--max-length must be at least 1, got {args.max_length}")
+    if args.out:
+        check_out_file(args.out)
+    check_model_args(args)
     requests = load_data(args.data, args.n, args.format, args.skip_invalid)
     kind = args.metrics
     if kind == "auto":
         zs = all(r.extra.get("format") == "zsre" for r in requests)
         kind = "zsre" if zs else "counterfact"
     model, tokenizer = load_model(args)
+    n_ctx = model_context(model)
+    name = os.path.basename(args.data)
+    check_sequences(requests, tokenizer, kind, n_ctx, name, skipped=args.skip_invalid)
+    generation = args.generation and kind == "counterfact"
+    if generation and n_ctx is not None and args.max_length > n_ctx:
+        raise BadInput(
+            f"--max-length {args.max_length} is longer than the model's context of {n_ctx}"
+        )
+    if generation and args.top_k is not None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if args.top_k > vocab:
+            raise BadInput(f"--top-k {args.top_k} is more than the {vocab} tokens of the model")
     t0 = time.perf_counter()
     if kind == "zsre":
         res = zsre_metrics(model, tokenizer, requests, batch_size=args.batch_size)
@@ -235,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (BadInput, EditRequestError) as e:
-        print(f"memit-fast {args.command}: {e}", file=sys.stderr)
+        # one problem in one line; several listed one a line under a heading
+        one = isinstance(e, EditRequestError) and len(e.problems) == 1
+        print(f"memit-fast {args.command}: {e.problems[0] if one else e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return EXIT_FAILURE

