@@ -40,9 +40,16 @@ from memit_fast.editor import (
     EditResult,
     _average_keys,
     _clock,
-    _eval_mode,
 )
-from memit_fast.keys import StopForward, forward_until, hooks, input_device, pad_id, pad_right
+from memit_fast.keys import (
+    StopForward,
+    eval_mode,
+    forward_until,
+    hooks,
+    input_device,
+    pad_id,
+    pad_right,
+)
 from memit_fast.stats import LayerStats, read_corpus
 from memit_fast.targets import PreparedRequest, TargetResult, TargetSettings
 
@@ -140,7 +147,7 @@ def per_layer_stats(
         texts = _tokenize_corpus(editor.tokenizer, editor._stats_source(), c.stats_samples, max_len)
     texts = _grouped_order(texts, c.stats_batch_size)
     pad = pad_id(editor.tokenizer)
-    with _eval_mode(editor.model):
+    with eval_mode(editor.model):
         return {
             l: layer_pass(
                 editor.model,
@@ -310,7 +317,7 @@ class PublishedStructureEditor:
         timings: dict[str, float] = {}
         t0 = _clock()
         reqs = normalize_requests(requests)
-        with _eval_mode(model):
+        with eval_mode(model):
             tick = _clock()
             templates = ed.context_templates()
             timings["context_templates"] = _clock() - tick

@@ -29,7 +29,10 @@ Precision parse_precision(const std::string& name);
 std::string precision_name(Precision p);
 
 // Blocked right-looking Cholesky factorization of the symmetric positive definite A
-// (n, n) float32/float64; only its lower triangle is read. Returns (L, info): L (n, n)
+// (n, n) float32/float64. A must be symmetric (checked: max |A - A^T| <= 1e-4 max |diag A|,
+// which also catches a triangle passed alone); the factorization reads its lower
+// triangle. Invalid input raises c10::ValueError (Python ValueError); a non-positive pivot
+// with check_errors raises c10::Error (RuntimeError). Returns (L, info): L (n, n)
 // lower triangular, float64 for precision "fp64" and float32 otherwise; info an int32
 // scalar tensor, 0 on success and k > 0 when the leading minor of order k is not
 // positive definite (L is then incomplete). With check_errors, a non-positive pivot
@@ -42,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
 
 // The Cholesky factor of L L^T + K K^T for L (n, n) lower triangular with a positive
 // diagonal (float32/float64) and K (n, k), at O(n^2 k) cost, in L's dtype. L is not
-// modified. method "qr": a blocked Householder (triangular-pentagonal QR) update;
+// modified; its strict upper triangle is never read, its lower triangle must be finite. method "qr": a blocked Householder (triangular-pentagonal QR) update;
 // "chol": each diagonal block refactored and the rank-k remainder carried below it by
 // GEMMs and triangular solves (no QR; small k x k and block-wide Cholesky factors);
 // "product": L times the factor of I + W W^T, W = L^-1 K, in float64, from batched calls

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from memit_fast.keys import (
     SubjectNotFoundError,
     encode_target,
     encode_with_subject,
+    eval_mode,
     input_device,
     keys_and_hidden,
     pad_id,
@@ -51,9 +51,41 @@ def _clock() -> float:
     return time.perf_counter()
 
 
+# The settings that the key statistics and the generated context templates depend on.
+_STATS_FIELDS = ("stats_samples", "stats_max_length", "stats_dtype")
+_TEMPLATE_FIELDS = (
+    "context_templates",
+    "context_template_seeds",
+    "context_template_length",
+    "context_template_top_k",
+    "context_template_seed",
+)
+
+
 class EditFailedError(RuntimeError):
     """The edit could not be computed (non-finite values, ill-conditioned solve). The model's
     weights are as they were before ``apply``."""
+
+
+# Elements per chunk of ``weight_fingerprint`` (bounds its temporaries).
+_FINGERPRINT_CHUNK = 1 << 22
+
+
+def weight_fingerprint(W: torch.Tensor) -> torch.Tensor:
+    """An exact checksum of ``W``'s bits: ``(2,)`` int64 on ``W``'s device, the sum of the
+    raw bit patterns and their sum weighted by position (modulo a prime). Integer sums are
+    exact and order-independent, so the same bits give the same value on any run; one pass
+    over ``W`` in chunks, without a copy of it."""
+    flat = W.detach().reshape(-1)
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
+    raw = flat.view(bits)
+    out = torch.zeros(2, dtype=torch.int64, device=W.device)
+    for a in range(0, raw.numel(), _FINGERPRINT_CHUNK):
+        x = raw[a : a + _FINGERPRINT_CHUNK].to(torch.int64)
+        w = torch.arange(a, a + x.numel(), device=W.device) % 65521 + 1
+        out[0] += x.sum()
+        out[1] += (x * w).sum()
+    return out
 
 
 @dataclass(eq=False)
@@ -88,6 +120,7 @@ class EditResult:
     _originals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _adapter: ModelAdapter | None = field(default=None, repr=False)
     _editor: Editor | None = field(default=None, repr=False)
+    _fingerprints: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     reverted: bool = False
 
     def delta(self, layer: int) -> torch.Tensor:
@@ -118,14 +151,30 @@ class EditResult:
             )
         return out
 
-    def revert(self) -> None:
-        """Restore the exact original weights of every edited layer."""
+    def revert(self, *, force: bool = False) -> None:
+        """Restore the exact original weights of every edited layer.
+
+        Raises ``RuntimeError`` if a layer's weights changed since this edit wrote them
+        (another edit, another ``Editor``, training): restoring would silently undo that
+        change too. Revert the later change first, or pass ``force=True``."""
         if self.reverted:
             raise RuntimeError("this edit was already reverted")
         if self._adapter is None:
             raise RuntimeError("this EditResult is not attached to a model")
         if self._editor is not None:
             self._editor._check_revertible(self)
+        if not force:
+            changed = [
+                l
+                for l, fp in self._fingerprints.items()
+                if not torch.equal(weight_fingerprint(self._adapter.weight(l)), fp)
+            ]
+            if changed:
+                raise RuntimeError(
+                    f"the weights of layers {changed} changed after this edit wrote them "
+                    "(another edit or Editor, or training): reverting would undo that change "
+                    "too; revert it first, or pass force=True"
+                )
         with torch.no_grad():
             for l, w0 in self._originals.items():
                 self._adapter.weight(l).copy_(w0)
@@ -146,16 +195,6 @@ class EditResult:
         from memit_fast.artifacts import to_peft
 
         return to_peft(self, model, path, **kwargs)
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class Editor:
@@ -197,13 +236,8 @@ class Editor:
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = ModelAdapter(model, arch)
+        self._config: EditConfig | None = None
         self.config = config if config is not None else auto_config(model)
-        bad = [l for l in self.config.layers if not 0 <= l < self.adapter.n_layers]
-        if bad:
-            raise ValueError(
-                f"EditConfig.layers {list(self.config.layers)}: layers {bad} do not exist in a "
-                f"model with {self.adapter.n_layers} blocks"
-            )
         self.corpus = corpus
         self.corpus_id = corpus_id
         self.stats_cache = StatsCache(stats_dir) if stats_dir is not None else None
@@ -224,6 +258,40 @@ class Editor:
         # and so cannot block the revert of an earlier one.
         self._history: list[weakref.ref[EditResult]] = []
         self._head_checked = False
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def config(self) -> EditConfig:
+        """The configuration of the next ``apply``. Assigning a new one (a lambda sweep over
+        the same statistics, say) checks its layers and drops what the old one derived:
+        the layer solvers always, the statistics where their settings changed (statistics
+        passed as ``stats=`` stay), the context templates where theirs changed."""
+        assert self._config is not None
+        return self._config
+
+    @config.setter
+    def config(self, config: EditConfig) -> None:
+        if not isinstance(config, EditConfig):
+            raise TypeError(f"Editor.config must be an EditConfig, got {type(config).__name__}")
+        bad = [l for l in config.layers if not 0 <= l < self.adapter.n_layers]
+        if bad:
+            raise ValueError(
+                f"EditConfig.layers {list(config.layers)}: layers {bad} do not exist in a "
+                f"model with {self.adapter.n_layers} blocks"
+            )
+        old, self._config = self._config, config
+        if old is None:
+            return  # __init__ sets up the caches
+        if any(getattr(old, f) != getattr(config, f) for f in _STATS_FIELDS):
+            self._stats = {l: s for l, s in self._stats.items() if s.count == -1}
+        if config.context_templates is not None:
+            self._templates = config.context_templates
+        elif any(getattr(old, f) != getattr(config, f) for f in _TEMPLATE_FIELDS):
+            self._templates = None
+        self._solvers.clear()
+        self._nullspace.clear()
+        self._rome_factor.clear()
 
     # ------------------------------------------------------------------ solver state
 
@@ -294,7 +362,13 @@ class Editor:
         """Continue sequential editing after an edit made elsewhere: later applies protect the
         keys of ``edit`` (an :class:`EditResult` of another Editor, or a
         :class:`~memit_fast.artifacts.LoadedEdit` applied to this model) as if this Editor
-        had written it. Raises ``ValueError`` if ``edit`` carries no keys for its layers."""
+        had written it. Raises ``ValueError`` if ``edit`` carries no keys for its layers.
+
+        To continue exactly as one session would, the next apply needs that session's
+        context templates and key statistics. The templates are taken from ``edit.config``
+        when this Editor has none yet. The statistics are not: computed now they come from
+        a model that holds the edit (its lower edited layers change the keys above them),
+        so pass the first session's ``stats_dir`` (or ``stats=``) to this Editor."""
         keys = dict(getattr(edit, "keys", None) or {})
         layers = tuple(getattr(edit, "layers", ()))
         missing = [l for l in layers if l not in keys]
@@ -307,6 +381,15 @@ class Editor:
             raise ValueError("remember: this Editor was made with remember_keys=False")
         self._written.append((edit, {l: k.detach().float().cpu() for l, k in keys.items()}))
         self._solvers.clear()  # rebuilt from lambda C and every remembered key
+        cfg = getattr(edit, "config", None)
+        if self._templates is None and cfg is not None and cfg.context_templates:
+            self._templates = tuple(cfg.context_templates)
+        if self.stats_cache is None and not self._stats:
+            log.warning(
+                "remember: this Editor has no key statistics yet and no stats_dir: they will "
+                "come from the model as it is now, with the edit applied, not from the model "
+                "the edit was computed on; pass that session's stats_dir for the same result"
+            )
 
     def _forget(self, result: EditResult) -> None:
         """Called by ``result.revert()``: its keys no longer protect anything."""
@@ -322,7 +405,7 @@ class Editor:
         """The context templates (generated once per Editor when the config has none)."""
         if self._templates is None:
             c = self.config
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 self._templates = generate_context_templates(
                     self.model,
                     self.tokenizer,
@@ -334,14 +417,21 @@ class Editor:
         return self._templates
 
     def prepare(
-        self, requests: Sequence[EditRequest], templates: Sequence[str]
+        self,
+        requests: Sequence[EditRequest],
+        templates: Sequence[str],
+        *,
+        indices: Sequence[int] | None = None,
     ) -> list[PreparedRequest]:
-        """Tokenize every request; raise :class:`EditRequestError` listing every problem."""
+        """Tokenize every request; raise :class:`EditRequestError` listing every problem.
+        ``indices``: the caller's index of each request, for the messages (``apply`` passes
+        the positions in its input, which merged duplicates no longer match)."""
         tok = self.tokenizer
         problems: list[str] = []
         out: list[PreparedRequest] = []
         ctx = self.adapter.context_length()
-        for i, r in enumerate(requests):
+        for j, r in enumerate(requests):
+            i = indices[j] if indices is not None else j
             try:
                 rewrites = tuple(
                     encode_with_subject(tok, t[: t.index("{}")], r.prompt, r.subject)
@@ -397,7 +487,7 @@ class Editor:
                     self._stats[l] = got
             missing = [l for l in missing if l not in self._stats]
         if missing:
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 new = collect_stats(
                     self.model,
                     self.tokenizer,
@@ -434,15 +524,20 @@ class Editor:
         :class:`EditFailedError` when the edit cannot be computed; any exception, including
         ``KeyboardInterrupt``, leaves the weights bit-identical to before.
         """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Editor.apply cannot run under torch.inference_mode(): the target vectors are "
+                "optimized with autograd; call it outside that context"
+            )
         timings: dict[str, float] = {}
         t0 = _clock()
-        reqs = normalize_requests(requests)
-        with _eval_mode(self.model):
+        reqs, sources = normalize_requests(requests, with_indices=True)
+        with eval_mode(self.model):
             self._check_head()
             tick = _clock()
             templates = self.context_templates()
             timings["context_templates"] = _clock() - tick
-            prepared = self.prepare(reqs, templates)
+            prepared = self.prepare(reqs, templates, indices=sources)
             timings["validate"] = _clock() - t0 - timings["context_templates"]
             tick = _clock()
             stats = self.key_stats()
@@ -490,6 +585,7 @@ class Editor:
         # The fused solve/update's rule for what the solve is for (the keys, or dW^T).
         from memit_fast.kernels.reference import solve_order
 
+        touched: list[int] = []  # layers whose cached factor took this edit's keys
         try:
             for j, l in enumerate(layers):
                 tick = _clock()
@@ -543,30 +639,36 @@ class Editor:
                 timings["update"] += _clock() - tick
                 factors[l] = (R.detach(), U.to(R.device))
                 log.info("layer %d written (%d requests)", l, n)
+            result = EditResult(
+                config=c.replace(context_templates=tuple(templates)),
+                requests=list(reqs),
+                layers=tuple(layers),
+                factors=factors,
+                targets=tr,
+                timings=timings,
+                weight_names={l: ad.weight_name(l) for l in layers},
+                transposed=ad.transposed,
+                keys=written_keys,
+                _originals=originals,
+                _adapter=ad,
+                _editor=self,
+                _fingerprints={l: weight_fingerprint(ad.weight(l)) for l in layers},
+            )
+            if self.remember_keys:
+                # The keys join the layers' factors only with the rest of the edit: a
+                # failure here drops the factors it touched (they rebuild from _written).
+                for l, K in written_keys.items():
+                    if l in self._solvers:  # solvers without a factor rebuild from _written
+                        touched.append(l)
+                        self._solvers[l].commit(K.to(self._solvers[l].A.device))
         except BaseException:
+            for l in touched:
+                self._solvers.pop(l, None)
             with torch.no_grad():
                 for l, w0 in originals.items():
                     ad.weight(l).copy_(w0)
             raise
-        result = EditResult(
-            config=c.replace(context_templates=tuple(templates)),
-            requests=list(reqs),
-            layers=tuple(layers),
-            factors=factors,
-            targets=tr,
-            timings=timings,
-            weight_names={l: ad.weight_name(l) for l in layers},
-            transposed=ad.transposed,
-            keys=written_keys,
-            _originals=originals,
-            _adapter=ad,
-            _editor=self,
-        )
         if self.remember_keys:
-            # Only a complete edit is remembered (a failed apply leaves no trace).
-            for l, K in written_keys.items():
-                if l in self._solvers:  # solvers without a factor rebuild from _written
-                    self._solvers[l].commit(K.to(self._solvers[l].A.device))
             self._written.append((result, written_keys))
         self._history.append(weakref.ref(result))
         return result

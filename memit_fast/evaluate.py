@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from memit_fast.data import EditRequest, normalize_requests
+from memit_fast.keys import encode_prompt, eval_mode
 
 __all__ = [
     "ContinuationScore",
@@ -98,8 +99,8 @@ def encode_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list
     Raises ValueError if the prompt has no tokens (nothing to condition the first token on)
     or the continuation has none.
     """
-    p = list(tokenizer(prompt)["input_ids"])
-    full = list(tokenizer(prompt + continuation)["input_ids"])
+    p = encode_prompt(tokenizer, prompt)
+    full = encode_prompt(tokenizer, prompt + continuation)
     if len(full) > len(p) and full[: len(p)] == p:
         c = full[len(p) :]
     else:  # the prompt's last token merged with the continuation's first
@@ -172,9 +173,7 @@ def score_continuations(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     out: list[ContinuationScore | None] = [None] * len(enc)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             seqs = [enc[i][0] + enc[i][1] for i in idx]
@@ -203,8 +202,6 @@ def score_continuations(
                     tuple(lp[k : k + n_c]), tuple(am[k : k + n_c]), tuple(enc[i][1])
                 )
                 k += n_c
-    finally:
-        model.train(was_training)
     return out  # type: ignore[return-value]
 
 
@@ -562,7 +559,7 @@ def generate(
     cache is used. Sampling draws on the CPU from a generator seeded with ``seed``, so it is
     reproducible on any device (up to the model's own float rounding).
     """
-    encs = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    encs = [encode_prompt(tokenizer, p) for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, e in enumerate(encs):
         groups.setdefault(len(e), []).append(i)
@@ -570,9 +567,7 @@ def generate(
     cache_arg = _cache_argument(model)
     gen = torch.Generator().manual_seed(seed)
     out: list[str | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for length in sorted(groups):
             members = groups[length]
             for s in range(0, len(members), batch_size):
@@ -597,8 +592,6 @@ def generate(
                     inp = nxt.to(device) if past is not None else seq
                 for i, row in zip(idx, seq.tolist()):
                     out[i] = tokenizer.decode(row, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
     return out  # type: ignore[return-value]
 
 

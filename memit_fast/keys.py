@@ -52,8 +52,13 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
     start = len(prefix) + pos
     end = start + len(subject)
     if _fast(tokenizer):
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
+        enc = tokenizer(
+            text,
+            add_special_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+        ids = _strip_trailing_specials(list(enc["input_ids"]), enc["special_tokens_mask"])
         last = -1
         for i, (a, b) in enumerate(enc["offset_mapping"]):
             if b > a and a < end and b > start:
@@ -63,8 +68,11 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
                 f"no token of {text!r} covers the subject {subject!r} (characters {start}-{end})"
             )
     else:
+        specials = set(getattr(tokenizer, "all_special_ids", ()) or ())
         ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-        upto = tokenizer(text[:end], add_special_tokens=True)["input_ids"]
+        ids = _strip_trailing_specials(ids, [int(t in specials) for t in ids])
+        upto = list(tokenizer(text[:end], add_special_tokens=True)["input_ids"])
+        upto = _strip_trailing_specials(upto, [int(t in specials) for t in upto])
         last = len(upto) - 1
         if last < 0 or ids[: last + 1] != list(upto):
             raise SubjectNotFoundError(
@@ -72,6 +80,23 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
                 "and this tokenizer gives no offsets to resolve it"
             )
     return Encoded(tuple(ids), last)
+
+
+def _strip_trailing_specials(ids: list[int], special_mask: Sequence[int]) -> list[int]:
+    """``ids`` without the special tokens a tokenizer appends (an EOS, for tokenizers made
+    with ``add_eos_token=True``): a prompt must end at its text, where the target follows,
+    not at an end-of-sequence token."""
+    n = len(ids)
+    while n > 0 and special_mask[n - 1]:
+        n -= 1
+    return ids[:n] if n > 0 else ids
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: ``tokenizer(text)`` with the special tokens it adds in front
+    (a BOS) and without those it appends (an EOS)."""
+    enc = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
+    return _strip_trailing_specials(list(enc["input_ids"]), enc["special_tokens_mask"])
 
 
 def with_leading_space(target: str) -> str:
@@ -137,6 +162,19 @@ def pad_right(
 def input_device(model) -> torch.device:
     emb = model.get_input_embeddings()
     return emb.weight.device
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model.eval()`` inside; after, every submodule's own ``training`` flag as it was
+    (``model.train(was_training)`` would also switch on the parts the caller froze)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from memit_fast.keys import input_device
+from memit_fast.keys import encode_prompt, input_device
 
 
 def generate_context_templates(
@@ -30,7 +30,7 @@ def generate_context_templates(
     out = ["{}"]
     with torch.no_grad():
         for s in seeds:
-            ids = list(tokenizer(s, add_special_tokens=True)["input_ids"])
+            ids = encode_prompt(tokenizer, s)
             n_special = len(ids) - len(tokenizer(s, add_special_tokens=False)["input_ids"])
             while len(ids) - n_special < length:
                 x = torch.tensor([ids], dtype=torch.long, device=dev)

@@ -164,10 +164,10 @@ def test_non_finite_target_is_named_and_not_written(monkeypatch):
 def test_ill_conditioned_solve_says_what_to_change():
     model, tok = make_gpt2(), make_tokenizer()
     zero = {l: torch.zeros(256, 256) for l in (1, 2)}
-    ed = Editor(model, tok, cfg(mom2_update_weight=0.0), stats=zero)
+    ed = Editor(model, tok, cfg(), stats=zero)
     snap = snapshot(model)
     with pytest.raises(EditFailedError, match="lambda"):
-        ed.apply(REQUESTS)  # 8 keys cannot span 256 dimensions without lambda * C
+        ed.apply(REQUESTS)  # 8 keys cannot span 256 dimensions where lambda * C is 0
     assert_bit_identical(model, snap)
 
 
@@ -330,3 +330,155 @@ def test_phase_clock_waits_for_every_initialized_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     t = editor_mod._clock()
     assert calls == [0, 1] and isinstance(t, float)
+
+
+def test_fault_while_the_keys_join_the_factors_leaves_no_trace(monkeypatch):
+    """The last step of a remembering apply folds its keys into the cached layer factors.
+    A fault there (Ctrl-C, out of memory) restores the weights, drops the factors it
+    touched, and a retry gives what one clean apply gives."""
+    tok = make_tokenizer()
+    model = make_gpt2()
+    st = stats_for(model)
+    snap = snapshot(model)
+    ed = Editor(model, tok, cfg(), stats=st)
+    first = ed.apply(REQUESTS[:2])  # the factors now exist and will take the next keys
+    after_first = snapshot(model)
+    calls = []
+    real = linalg_mod.LayerSolver.commit
+
+    def flaky(self, K):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, K)
+
+    monkeypatch.setattr(linalg_mod.LayerSolver, "commit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ed.apply(REQUESTS[2:4])
+    monkeypatch.setattr(linalg_mod.LayerSolver, "commit", real)
+    assert_bit_identical(model, after_first)
+    assert [r for r, _ in ed._written] == [first]
+    second = ed.apply(REQUESTS[2:4])
+
+    clean_model = make_gpt2()
+    clean = Editor(clean_model, tok, cfg(), stats=st)
+    clean.apply(REQUESTS[:2])
+    clean.apply(REQUESTS[2:4])
+    for n, p in clean_model.state_dict().items():
+        assert torch.equal(model.state_dict()[n], p), n
+    second.revert()
+    first.revert()
+    assert_bit_identical(model, snap)
+
+
+def test_errors_name_the_callers_index_after_merged_duplicates():
+    model, tok = make_gpt2(), make_tokenizer()
+    ed = Editor(model, tok, cfg(), stats=stats_for(model))
+    long = {"prompt": "{} " + "and so on " * 40, "subject": "Ann", "target": "golf"}
+    with pytest.raises(EditRequestError) as ei:
+        ed.apply([REQUESTS[0], dict(REQUESTS[0]), dict(REQUESTS[0]), long])
+    assert ei.value.problems[0].startswith("request 3:"), ei.value.problems
+
+
+def test_submodule_modes_are_restored():
+    """A model in training mode with a frozen part in eval mode keeps both after apply."""
+    model, tok = make_gpt2(), make_tokenizer()
+    model.train()
+    model.transformer.h[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    Editor(model, tok, cfg(), stats=stats_for(model)).apply(REQUESTS[:2])
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_new_config_takes_effect_and_keeps_what_it_can():
+    """Assigning a config with another lambda gives the edit a fresh Editor with that
+    lambda gives, reusing the statistics; layers outside the model are refused."""
+    tok = make_tokenizer()
+    corpus = list(CORPUS)
+    model = make_gpt2()
+    ed = Editor(model, tok, cfg(), corpus=corpus, remember_keys=False)
+    ed.apply(REQUESTS[:2]).revert()
+    stats = dict(ed._stats)
+    ed.config = ed.config.replace(mom2_update_weight=3.0)
+    assert all(ed._stats[l] is stats[l] for l in stats)  # lambda does not touch them
+    got = ed.apply(REQUESTS[:2])
+
+    fresh_model = make_gpt2()
+    want = Editor(fresh_model, tok, cfg(mom2_update_weight=3.0), corpus=corpus).apply(REQUESTS[:2])
+    for l in got.layers:
+        assert torch.equal(got.delta(l), want.delta(l))
+    assert got.config.mom2_update_weight == 3.0
+
+    ed.config = ed.config.replace(stats_samples=30)
+    assert not ed._stats  # computed for the old settings: dropped
+    with pytest.raises(ValueError, match="do not exist"):
+        ed.config = ed.config.replace(layers=(1, 9))
+    assert ed.config.layers == (1, 2)
+
+
+def test_revert_refuses_weights_changed_by_someone_else():
+    """Two Editors on one model: reverting the first edit while the second holds the same
+    layers would wipe the second; it is refused unless forced."""
+    model, tok = make_gpt2(), make_tokenizer()
+    st = stats_for(model)
+    snap = snapshot(model)
+    a = Editor(model, tok, cfg(), stats=st).apply(REQUESTS[:2])
+    b = Editor(model, tok, cfg(), stats=st).apply(REQUESTS[2:4])
+    with pytest.raises(RuntimeError, match=r"layers \[1, 2\] changed after this edit"):
+        a.revert()
+    assert not a.reverted
+    b.revert()
+    a.revert()
+    assert_bit_identical(model, snap)
+    c = Editor(model, tok, cfg(), stats=st).apply(REQUESTS[:2])
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[0, 0] += 1.0
+    with pytest.raises(RuntimeError, match=r"layers \[1\] changed"):
+        c.revert()
+    c.revert(force=True)
+    assert_bit_identical(model, snap)
+
+
+def test_weight_fingerprint_is_exact_and_sees_one_bit():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+        W = torch.randn(37, 53).to(dtype)
+        fp = editor_mod.weight_fingerprint(W)
+        assert torch.equal(fp, editor_mod.weight_fingerprint(W.clone()))
+        bits = W.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[W.element_size()])
+        for i in (0, 977, W.numel() - 1):
+            flipped = bits.clone().reshape(-1)
+            flipped[i] ^= 1  # the lowest mantissa bit of one element
+            V = flipped.view(dtype).reshape(W.shape)
+            assert not torch.equal(editor_mod.weight_fingerprint(V), fp), (dtype, i)
+
+
+def test_apply_under_inference_mode_says_why():
+    model, tok = make_gpt2(), make_tokenizer()
+    ed = Editor(model, tok, cfg(), stats=stats_for(model))
+    snap = snapshot(model)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        ed.apply(REQUESTS[:2])
+    assert_bit_identical(model, snap)
+
+
+def test_tokenizer_that_appends_eos_edits_as_one_that_does_not():
+    """A tokenizer that appends EOS (``add_eos_token``-style) must not put it between the
+    prompt and the target: the prepared ids equal those of the same tokenizer without it."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    base = make_tokenizer()
+    tk = base.backend_tokenizer.__class__.from_str(base.backend_tokenizer.to_str())
+    eos = base.convert_tokens_to_ids("<eos>")
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", pair="$A <eos> $B <eos>", special_tokens=[("<eos>", eos)]
+    )
+    with_eos = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    assert with_eos("Paris")["input_ids"][-1] == eos  # the premise
+    model = make_gpt2()
+    plain = Editor(model, base, cfg(), stats=stats_for(model))
+    eosy = Editor(model, with_eos, cfg(), stats=stats_for(model))
+    reqs = editor_mod.normalize_requests(REQUESTS[:3])
+    a = plain.prepare(reqs, TEMPLATES)
+    b = eosy.prepare(reqs, TEMPLATES)
+    assert a == b

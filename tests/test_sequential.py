@@ -142,3 +142,23 @@ def test_corrupted_saved_keys_are_refused(tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="SHA-256"):
         load_edit(tmp_path / "e")
+
+
+def test_remember_takes_the_edits_context_templates(tmp_path, caplog):
+    """A new Editor whose config names no templates continues with those of the edit it
+    remembers (one session would reuse its first apply's), and says that statistics it has
+    yet to compute, without a stats_dir, will come from the edited model."""
+    from memit_fast import load_edit
+
+    model = make_gpt2()
+    r1 = make_editor(model).apply(REQUESTS[:2])
+    r1.save(tmp_path / "e1")
+    other = make_gpt2()
+    loaded = load_edit(tmp_path / "e1")
+    loaded.apply(other)
+    cfg = EditConfig(layers=(1, 2), steps=3, mom2_update_weight=5.0)  # no templates
+    ed = Editor(other, make_tokenizer(), cfg)
+    with caplog.at_level("WARNING", logger="memit_fast.editor"):
+        ed.remember(loaded)
+    assert ed.context_templates() == TEMPLATES
+    assert "stats_dir" in caplog.text
