@@ -57,25 +57,44 @@ void check_finite(const at::Tensor& t, const char* op, const char* name) {
       " contains NaN or Inf (check the statistics and the keys that built it)");
 }
 
-// A factor's lower triangle finite and its diagonal positive; what lies above the
-// diagonal is never read, so it is not checked. One pass over the lower triangle in row
-// blocks (bounded temporaries) and one host sync.
-void check_factor_values(const at::Tensor& L, const char* op, const char* name) {
-  const int64_t n = L.size(0);
-  if (n == 0) {
-    return;
-  }
+// Whether every entry on or below L's diagonal is finite, in row blocks: the part left of
+// each diagonal block read in place, the diagonal block through tril() (small). `exact`
+// tests each entry; otherwise the entries are summed in float64, which a NaN or Inf makes
+// NaN or Inf (one read, no large temporary) but which entries near float64's largest
+// could also overflow: a non-finite sum is therefore rechecked exactly.
+bool lower_finite(const at::Tensor& L, bool exact) {
   constexpr int64_t step = 1024;
-  at::Tensor ok = at::ones({}, L.options().dtype(at::kBool));
+  const int64_t n = L.size(0);
+  at::Tensor acc = exact ? at::ones({}, L.options().dtype(at::kBool))
+                         : at::zeros({}, L.options().dtype(at::kDouble));
+  const auto add = [&](const at::Tensor& part) {
+    if (exact) {
+      acc = acc.logical_and(at::isfinite(part).all());
+    } else {
+      acc.add_(part.sum(at::kDouble));
+    }
+  };
   for (int64_t i = 0; i < n; i += step) {
     const int64_t ib = std::min(step, n - i);
-    // Row block i..i+ib, columns 0..i+ib: entry (r, c) is global (i + r, c), on or below
-    // the diagonal where c - r <= i.
-    ok = ok.logical_and(at::isfinite(L.narrow(0, i, ib).narrow(1, 0, i + ib).tril(i)).all());
+    const at::Tensor rows = L.narrow(0, i, ib);
+    if (i > 0) {
+      add(rows.narrow(1, 0, i));
+    }
+    add(rows.narrow(1, i, ib).tril());
   }
+  return exact ? acc.item<bool>() : (std::isfinite(acc.item<double>()) || lower_finite(L, true));
+}
+
+// A factor's lower triangle finite and its diagonal positive; what lies above the
+// diagonal is never read, so it is not checked.
+void check_factor_values(const at::Tensor& L, const char* op, const char* name) {
+  if (L.size(0) == 0) {
+    return;
+  }
+  const bool finite = lower_finite(L, /*exact=*/false);
   const double dmin = L.diagonal().min().item<double>();
   TORCH_CHECK_VALUE(
-      ok.item<bool>(), op, ": ", name,
+      finite, op, ": ", name,
       " contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)");
   TORCH_CHECK_VALUE(
       dmin > 0, op, ": ", name, " must be a Cholesky factor with a positive diagonal, but its ",

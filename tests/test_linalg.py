@@ -393,6 +393,19 @@ def test_update_and_solve_check_the_factor(use_ext, method, bad):
 
 
 @pytest.mark.parametrize("use_ext", PATHS)
+def test_factor_check_accepts_huge_finite_entries(use_ext):
+    """Entries whose sum overflows float64 are still finite: the check must not refuse them
+    (the extension sums the triangle first and rechecks a non-finite sum entry by entry)."""
+    L = torch.eye(6, dtype=torch.float64) * 1e300
+    L[3:, 0] = 1.7e308
+    K = torch.zeros(6, 1, dtype=torch.float64)
+    X, _ = la.cholesky_solve(L, torch.ones(6, 1, dtype=torch.float64), use_ext=use_ext)
+    assert X.shape == (6, 1)
+    Ln = la.cholesky_update(L, K, method="qr", use_ext=use_ext) if use_ext else None
+    assert Ln is None or torch.equal(Ln.diagonal(), L.diagonal())
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
 def test_update_refuses_keys_beyond_float32(use_ext):
     L = torch.linalg.cholesky(spd(30, 1e2)).float()
     with pytest.raises(ValueError, match="beyond float32's range"):
