@@ -27,13 +27,16 @@ from memit_fast.keys import (
 )
 from memit_fast.stats import (
     LayerStats,
+    ReplayableTexts,
     StatsCache,
     collect_stats,
     corpus_id,
     default_corpus_path,
-    model_fingerprint,
+    is_one_shot,
+    model_fingerprints,
     read_corpus,
     stats_meta,
+    tokenizer_fingerprint,
 )
 from memit_fast.targets import PreparedRequest, TargetResult, TargetSettings, compute_targets
 from memit_fast.templates import generate_context_templates
@@ -238,7 +241,8 @@ class Editor:
         self.adapter = ModelAdapter(model, arch)
         self._config: EditConfig | None = None
         self.config = config if config is not None else auto_config(model)
-        self.corpus = corpus
+        # A generator is read once; kept replayable, every statistics pass sees its texts.
+        self.corpus = ReplayableTexts(corpus) if is_one_shot(corpus) else corpus
         self.corpus_id = corpus_id
         self.stats_cache = StatsCache(stats_dir) if stats_dir is not None else None
         self.progress = progress
@@ -472,15 +476,25 @@ class Editor:
         if not missing:
             return {l: self._stats[l] for l in layers}
         c = self.config
-        max_len = c.stats_max_length or self.adapter.context_length() or 1024
+        ctx = self.adapter.context_length()
+        max_len = c.stats_max_length or ctx or 1024
+        if ctx is not None and max_len > ctx:
+            log.info("stats_max_length %d is beyond the model's context: %d used", max_len, ctx)
+            max_len = ctx
         source = self._stats_source()
         cid = corpus_id(source, self.corpus_id)
         metas = {}
+        if self.stats_cache is not None and cid is None:
+            log.warning(
+                "stats_dir is set, but this corpus has no identity to cache its statistics "
+                "under (a generator or dataset without a fingerprint): pass corpus_id=..."
+            )
         if self.stats_cache is not None and cid is not None:
-            fp = model_fingerprint(self.adapter)
+            fps = model_fingerprints(self.adapter, missing)
+            tfp = tokenizer_fingerprint(self.tokenizer)
             for l in missing:
                 metas[l] = stats_meta(
-                    self.adapter, fp, l, cid, c.stats_samples, max_len, c.stats_dtype
+                    self.adapter, fps[l], l, cid, c.stats_samples, max_len, c.stats_dtype, tfp
                 )
                 got = self.stats_cache.load(metas[l], self.adapter.weight(l).device)
                 if got is not None:

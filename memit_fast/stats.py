@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from memit_fast.keys import StopForward, forward_until, hooks, input_device, pad
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -47,9 +47,43 @@ def default_corpus_path() -> Path:
     return Path(__file__).resolve().parent / "resources" / "wikitext2_valid.txt"
 
 
+class ReplayableTexts:
+    """A one-shot iterable (a generator, an iterator) that can be read again: the items
+    drawn so far are kept and replayed, later ones drawn from the source on demand. The
+    editor wraps such a corpus so that a second statistics pass (another layer, more
+    samples) reads the same texts as the first, not the ones the first left over."""
+
+    def __init__(self, source: Iterable):
+        self._it = iter(source)
+        self._seen: list = []
+
+    def __iter__(self):
+        i = 0
+        while True:
+            if i == len(self._seen):
+                try:
+                    self._seen.append(next(self._it))
+                except StopIteration:
+                    return
+            yield self._seen[i]
+            i += 1
+
+
+def is_one_shot(source) -> bool:
+    """Whether iterating ``source`` consumes it (a generator or iterator, not a path, a
+    sequence or a dataset)."""
+    if source is None or isinstance(source, (str, bytes, os.PathLike)):
+        return False
+    try:
+        return iter(source) is source
+    except TypeError:
+        return False
+
+
 def read_corpus(source: str | os.PathLike | Iterable[str]) -> Iterable[str]:
     """Texts from a text file (one text per non-empty line), an iterable of strings, or a
-    ``datasets`` dataset with a ``text`` column."""
+    ``datasets`` dataset (or any iterable of rows) with a ``text`` column; empty texts are
+    skipped. A dict of splits (``datasets.DatasetDict``) is refused: pass one split."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -63,9 +97,26 @@ def read_corpus(source: str | os.PathLike | Iterable[str]) -> Iterable[str]:
                         yield line
 
         return lines()
-    if hasattr(source, "column_names") and "text" in getattr(source, "column_names", ()):
-        return (row["text"] for row in source if row["text"].strip())
-    return (t for t in source if isinstance(t, str) and t.strip())
+    if isinstance(source, Mapping):
+        raise ValueError(
+            f"statistics corpus: got a mapping with keys {sorted(map(str, source))[:8]} (a "
+            "DatasetDict of splits?); pass one split, e.g. corpus=ds['train']"
+        )
+
+    def texts():
+        for row in source:
+            if isinstance(row, Mapping):
+                if "text" not in row:
+                    raise ValueError(
+                        f"statistics corpus: a row without a 'text' field (fields "
+                        f"{sorted(map(str, row))[:8]}); pass the texts or a dataset with a "
+                        "'text' column"
+                    )
+                row = row["text"]
+            if isinstance(row, str) and row.strip():
+                yield row
+
+    return texts()
 
 
 def corpus_id(source, given: str | None = None) -> str | None:
@@ -79,34 +130,67 @@ def corpus_id(source, given: str | None = None) -> str | None:
                 h.update(block)
         return "sha256:" + h.hexdigest()
     if isinstance(source, (list, tuple)):
-        for t in source:
-            h.update(str(t).encode("utf-8"))
-            h.update(b"\0")
+        # The texts as read_corpus yields them, in an unambiguous encoding.
+        h.update(json.dumps(list(read_corpus(source)), ensure_ascii=False).encode("utf-8"))
         return "sha256:" + h.hexdigest()
+    fp = getattr(source, "_fingerprint", None)  # a datasets.Dataset's content fingerprint
+    if isinstance(fp, str) and fp:
+        return f"datasets:{fp}"
     return None
 
 
 # ----------------------------------------------------------------------------- model identity
 
 
-def model_fingerprint(adapter: ModelAdapter) -> str:
-    """Identity of a model for the statistics cache: its config and a strided sample of the
-    input embedding and of block 0 (excluding the edited projection, so that an edited model
-    keeps the identity of the model it came from)."""
+def bits_sum(t: torch.Tensor) -> int:
+    """The sum of ``t``'s raw bit patterns as int64 (wrapping): exact and independent of the
+    reduction order, so the same bits give the same value on any device; one read of ``t``."""
+    flat = t.detach().reshape(-1)
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
+    return int(flat.view(bits).sum(dtype=torch.int64))
+
+
+def model_fingerprints(adapter: ModelAdapter, layers: Sequence[int]) -> dict[int, str]:
+    """Identity of a model for each layer's cached statistics: its config, the input
+    embedding and every parameter of blocks ``0..l`` (what layer ``l``'s keys depend on),
+    each as its exact bit sum, except the edited projections' weights: an edited model keeps
+    the identity of the model it came from, whose statistics (computed before a first edit,
+    as one session does) are the ones to reuse. A change to any other weight of those
+    blocks is a different model."""
     model = adapter.model
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"):
         cfg.pop(k, None)
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    skip = adapter.mlp_out(0).weight
-    tensors = [model.get_input_embeddings().weight]
-    tensors += [p for p in adapter.block(0).parameters() if p is not skip]
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].float().cpu().contiguous()
-        h.update(sample.numpy().tobytes())
-    return "sha256:" + h.hexdigest()
+    h.update(f"embed:{bits_sum(model.get_input_embeddings().weight)};".encode())
+    wanted = set(int(l) for l in layers)
+    out: dict[int, str] = {}
+    for b in range(max(wanted) + 1 if wanted else 0):
+        skip = adapter.mlp_out(b).weight
+        for name, p in adapter.block(b).named_parameters():
+            if p is not skip:
+                h.update(f"{b}.{name}:{bits_sum(p)};".encode())
+        if b in wanted:
+            out[b] = "sha256:" + h.copy().hexdigest()
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a tokenizer for the statistics cache: its vocabulary, special tokens and
+    how it encodes a probe text (a BOS it adds, say)."""
+    probe = "The quick brown fox, 1879: naïve café!\n  Ünïcode — ok."
+    parts = {
+        "class": type(tokenizer).__name__,
+        "size": len(tokenizer),
+        "vocab": sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else None,
+        "special": {
+            k: getattr(tokenizer, k, None)
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+        },
+        "probe": list(tokenizer(probe, add_special_tokens=True)["input_ids"]),
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -179,8 +263,10 @@ def collect_stats(
             count += sum(len(s) for s in batch)  # the mask's ones, without a device sync
 
     with hooks(handles), torch.no_grad():
-        for text in texts:
-            if n_texts >= samples:
+        it = iter(texts)
+        while n_texts < samples:  # (checked before a text is drawn: none is drawn in vain)
+            text = next(it, None)
+            if text is None:
                 break
             ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)[
                 "input_ids"
@@ -256,6 +342,9 @@ class StatsCache:
                 problems.append(f"format {info.get('format')!r}")
             if _tensor_sha256(mom2) != info.get("sha256"):
                 problems.append("checksum mismatch")
+            count = info.get("count")
+            if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+                problems.append(f"count {count!r} (a number of tokens >= 1 expected)")
             dk = meta.get("dk")
             if tuple(mom2.shape) != (dk, dk) or mom2.dtype != torch.float32:
                 problems.append(f"tensor {tuple(mom2.shape)} {mom2.dtype}")
@@ -267,7 +356,7 @@ class StatsCache:
                 raise StatsCacheError(msg) from e
             log.warning("%s; recomputing", msg)
             return None
-        return LayerStats(mom2=mom2.to(device), count=int(info["count"]))
+        return LayerStats(mom2=mom2.to(device), count=count)
 
     def save(self, meta: dict, stats: LayerStats) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -294,10 +383,14 @@ def stats_meta(
     samples: int,
     max_length: int,
     dtype: str,
+    tokenizer: str,
 ) -> dict:
+    """The metadata that identifies one layer's cached statistics (``fingerprint`` from
+    :func:`model_fingerprints`, ``tokenizer`` from :func:`tokenizer_fingerprint`)."""
     dk, _ = adapter.dims()
     return {
         "model": fingerprint,
+        "tokenizer": tokenizer,
         "model_type": adapter.model_type,
         "model_dtype": str(adapter.weight(layer).dtype).replace("torch.", ""),
         "layer": int(layer),

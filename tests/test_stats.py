@@ -18,8 +18,9 @@ from memit_fast.stats import (
     StatsCacheError,
     collect_stats,
     corpus_id,
-    model_fingerprint,
+    model_fingerprints,
     stats_meta,
+    tokenizer_fingerprint,
 )
 
 
@@ -112,6 +113,10 @@ def _corruptions():
         "wrong-model": lambda p: _rewrite_meta(p, model="sha256:" + "0" * 64),
         "wrong-layer": lambda p: _rewrite_meta(p, layer=3),
         "wrong-dtype": lambda p: _rewrite_meta(p, model_dtype="bfloat16"),
+        "wrong-tokenizer": lambda p: _rewrite_meta(p, tokenizer="sha256:" + "1" * 64),
+        "count-missing": lambda p: _rewrite_meta(p, count=None),
+        "count-not-a-number": lambda p: _rewrite_meta(p, count="abc"),
+        "count-marks-given-statistics": lambda p: _rewrite_meta(p, count=-1),
     }
 
 
@@ -123,7 +128,10 @@ def test_corrupt_cache_is_recomputed_or_refused(tmp_path, case):
     _corruptions()[case](path)
     # Refused with a clear error when asked to be strict ...
     ad = ModelAdapter(model)
-    meta = stats_meta(ad, model_fingerprint(ad), 1, corpus_id(list(CORPUS)), 20, 16, "float32")
+    meta = stats_meta(
+        ad, model_fingerprints(ad, [1])[1], 1, corpus_id(list(CORPUS)), 20, 16, "float32",
+        tokenizer_fingerprint(tok),
+    )  # fmt: skip
     strict = StatsCache(tmp_path, on_mismatch="error")
     assert str(strict.path(meta)) == path
     with pytest.raises(StatsCacheError):
@@ -143,10 +151,11 @@ def test_cache_distinguishes_models_and_layers(tmp_path):
     assert len(os.listdir(tmp_path)) == 2
     # An edited model keeps its identity (the edited projections are not fingerprinted).
     ad = ModelAdapter(a)
-    fp = model_fingerprint(ad)
+    fp = model_fingerprints(ad, [0, 1, 2])
     with torch.no_grad():
-        ad.weight(0).add_(1.0)
-    assert model_fingerprint(ad) == fp
+        for l in range(ad.n_layers):
+            ad.weight(l).add_(1.0)
+    assert model_fingerprints(ad, [0, 1, 2]) == fp
 
 
 def test_pad_right_matches_a_row_by_row_fill():
@@ -168,3 +177,69 @@ def test_pad_right_matches_a_row_by_row_fill():
         ids, mask = pad_right([tuple(r) for r in rows], 7, torch.device("cpu"))
         assert ids.dtype == mask.dtype == torch.long
         assert torch.equal(ids, ids_ref) and torch.equal(mask, mask_ref)
+
+
+def test_cache_misses_when_a_lower_block_or_the_tokenizer_changes(tmp_path):
+    """Layer l's keys depend on every block up to l and on the tokenization: a change to a
+    block above 0 (not the edited projection) or a tokenizer that adds a BOS is another
+    entry, while a change above the layer is not."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = make_tokenizer()
+    base = _editor(make_gpt2(), tok, tmp_path, layers=(2,)).key_stats()[2].mom2
+    tuned = make_gpt2()
+    with torch.no_grad():
+        tuned.transformer.h[1].attn.c_attn.weight.mul_(1.5)
+    got = _editor(tuned, tok, tmp_path, layers=(2,)).key_stats()[2].mom2
+    assert rel(got, base) > 1e-3 and len(os.listdir(tmp_path)) == 2
+    above = make_gpt2()
+    with torch.no_grad():
+        above.transformer.h[3].mlp.c_fc.weight.mul_(1.5)
+    assert torch.equal(_editor(above, tok, tmp_path, layers=(2,)).key_stats()[2].mom2, base)
+    assert len(os.listdir(tmp_path)) == 2
+
+    bos = PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer, eos_token="<eos>", bos_token="<eos>"
+    )
+    bos._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", tok.convert_tokens_to_ids("<eos>"))]
+    )
+    assert tokenizer_fingerprint(bos) != tokenizer_fingerprint(tok)
+    _editor(make_gpt2(), bos, tmp_path, layers=(2,)).key_stats()
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_a_generator_corpus_gives_every_pass_the_same_texts():
+    """A one-shot corpus (a generator) read by two statistics passes (two layers asked for
+    one after the other) gives what a list gives, not what the first pass left over."""
+    model, tok = make_gpt2(), make_tokenizer()
+    cfg = EditConfig(layers=(1, 2), stats_samples=10, stats_max_length=16)
+    from_list = Editor(model, tok, cfg, corpus=list(CORPUS)).key_stats()
+    ed = Editor(model, tok, cfg, corpus=(t for t in CORPUS))
+    one = ed.key_stats([1])[1]
+    two = ed.key_stats([2])[2]
+    assert rel(one.mom2, from_list[1].mom2) <= 1e-6 and one.count == from_list[1].count
+    assert rel(two.mom2, from_list[2].mom2) <= 1e-6 and two.count == from_list[2].count
+
+
+def test_corpus_forms_and_their_errors():
+    from memit_fast.stats import read_corpus
+
+    rows = [{"text": "a b"}, {"text": None}, {"text": "  "}, {"text": "c"}]
+    assert list(read_corpus(rows)) == ["a b", "c"]
+    with pytest.raises(ValueError, match="one split"):
+        read_corpus({"train": rows, "test": rows})
+    with pytest.raises(ValueError, match="without a 'text' field"):
+        list(read_corpus([{"content": "x"}]))
+    # Lists that read as different texts have different ids.
+    assert corpus_id(["a\0b"]) != corpus_id(["a", "b"])
+    assert corpus_id(["x", None, "y"]) == corpus_id(["x", "y"])  # what is read is the same
+
+
+def test_statistics_length_is_capped_at_the_context(caplog):
+    model, tok = make_gpt2(), make_tokenizer()  # n_positions 128
+    cfg = EditConfig(layers=(1,), stats_samples=4, stats_max_length=512)
+    long = [" ".join(CORPUS)]  # far beyond 128 tokens
+    with caplog.at_level("INFO", logger="memit_fast.editor"):
+        st = Editor(model, tok, cfg, corpus=long).key_stats()[1]
+    assert st.count == 128 and "beyond the model's context" in caplog.text
