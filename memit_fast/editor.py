@@ -157,14 +157,16 @@ class EditResult:
     def revert(self, *, force: bool = False) -> None:
         """Restore the exact original weights of every edited layer.
 
-        Raises ``RuntimeError`` if a layer's weights changed since this edit wrote them
-        (another edit, another ``Editor``, training): restoring would silently undo that
-        change too. Revert the later change first, or pass ``force=True``."""
+        Raises ``RuntimeError`` if a later edit of the same Editor on these layers is still
+        applied (revert in reverse order), or if a layer's weights changed since this edit
+        wrote them (another Editor's edit, a dropped later result, training): restoring
+        would silently undo that change too. ``force=True`` restores anyway; the later
+        edits of this Editor on these layers are then undone as well, and forgotten."""
         if self.reverted:
             raise RuntimeError("this edit was already reverted")
         if self._adapter is None:
             raise RuntimeError("this EditResult is not attached to a model")
-        if self._editor is not None:
+        if self._editor is not None and not force:
             self._editor._check_revertible(self)
         if not force:
             changed = [
@@ -183,7 +185,7 @@ class EditResult:
                 self._adapter.weight(l).copy_(w0)
         self.reverted = True
         if self._editor is not None:
-            self._editor._forget(self)
+            self._editor._forget(self, undone_later=force)
 
     def save(
         self, path: str | os.PathLike, *, include_originals: bool = True, overwrite: bool = False
@@ -257,7 +259,9 @@ class Editor:
         self._nullspace: dict[int, torch.Tensor] = {}
         self._rome_factor: dict[int, torch.Tensor] = {}
         # Keys written by earlier applies that are still in force: [(result, {layer: K})].
-        self._written: list[tuple[EditResult, dict[int, torch.Tensor]]] = []
+        # Held weakly: a dropped result's keys still protect its edit (it is still applied),
+        # but its copy of the original weights is freed.
+        self._written: list[tuple[weakref.ref, dict[int, torch.Tensor]]] = []
         # Applied results in order, held weakly: a result the user dropped cannot be reverted
         # and so cannot block the revert of an earlier one.
         self._history: list[weakref.ref[EditResult]] = []
@@ -383,7 +387,24 @@ class Editor:
             )
         if not self.remember_keys:
             raise ValueError("remember: this Editor was made with remember_keys=False")
-        self._written.append((edit, {l: k.detach().float().cpu() for l, k in keys.items()}))
+        if getattr(edit, "reverted", False):
+            raise ValueError("remember: this edit was reverted; its keys protect nothing")
+        if any(ref() is edit for ref, _ in self._written):
+            raise ValueError("remember: this edit is remembered already")
+        dk = self.adapter.dims()[0]
+        bad = {l: tuple(k.shape) for l, k in keys.items() if k.dim() != 2 or k.shape[0] != dk}
+        bad_layers = [l for l in layers if not 0 <= l < self.adapter.n_layers]
+        if bad or bad_layers:
+            raise ValueError(
+                f"remember: the edit does not fit this model (layers {bad_layers} missing, or "
+                f"keys {bad} not ({dk}, n))"
+            )
+        check = getattr(edit, "check_model", None)
+        if callable(check):  # a LoadedEdit: the model it was made for (structure only)
+            check(self.model, weights=None)
+        self._written.append(
+            (weakref.ref(edit), {l: k.detach().float().cpu() for l, k in keys.items()})
+        )
         self._solvers.clear()  # rebuilt from lambda C and every remembered key
         cfg = getattr(edit, "config", None)
         if self._templates is None and cfg is not None and cfg.context_templates:
@@ -395,12 +416,36 @@ class Editor:
                 "the edit was computed on; pass that session's stats_dir for the same result"
             )
 
-    def _forget(self, result: EditResult) -> None:
-        """Called by ``result.revert()``: its keys no longer protect anything."""
+    def forget(self, edit) -> None:
+        """Stop protecting the keys of a remembered ``edit`` (say a
+        :class:`~memit_fast.artifacts.LoadedEdit` reverted with its own ``revert``). An
+        :class:`EditResult` of this Editor is forgotten by its ``revert()``."""
+        if not any(ref() is edit for ref, _ in self._written):
+            raise ValueError("forget: this edit is not remembered by this Editor")
+        self._forget(edit)
+
+    def _forget(self, result, undone_later: bool = False) -> None:
+        """Called by ``result.revert()``: its keys no longer protect anything. With
+        ``undone_later`` (a forced revert), the edits written after it on its layers were
+        undone too: they are forgotten, and this Editor's results among them marked
+        reverted where every layer they wrote was restored."""
+        pos = next((i for i, (ref, _) in enumerate(self._written) if ref() is result), None)
+        drop = set() if pos is None else {pos}
+        if undone_later and pos is not None:
+            for i in range(pos + 1, len(self._written)):
+                ref, ks = self._written[i]
+                if set(ks) & set(result.layers):
+                    drop.add(i)
+                    later = ref()
+                    log.warning(
+                        "revert(force=True): a later edit on layers %s is undone too",
+                        sorted(set(ks) & set(result.layers)),
+                    )
+                    if isinstance(later, EditResult) and set(later.layers) <= set(result.layers):
+                        later.reverted = True
         self._history = [ref for ref in self._history if ref() is not None and ref() is not result]
-        kept = [(r, ks) for r, ks in self._written if r is not result]
-        if len(kept) != len(self._written):
-            self._written = kept
+        if drop:
+            self._written = [e for i, e in enumerate(self._written) if i not in drop]
             self._solvers.clear()  # rebuilt from lambda C and the remaining keys
 
     # ------------------------------------------------------------------ inputs
@@ -683,7 +728,7 @@ class Editor:
                     ad.weight(l).copy_(w0)
             raise
         if self.remember_keys:
-            self._written.append((result, written_keys))
+            self._written.append((weakref.ref(result), written_keys))
         self._history.append(weakref.ref(result))
         return result
 

@@ -162,3 +162,80 @@ def test_remember_takes_the_edits_context_templates(tmp_path, caplog):
         ed.remember(loaded)
     assert ed.context_templates() == TEMPLATES
     assert "stats_dir" in caplog.text
+
+
+def test_dropped_results_are_freed_but_their_keys_still_protect():
+    """A result the caller drops frees its copy of the original weights (the Editor holds it
+    weakly); its keys stay remembered, since its edit is still in the model."""
+    import gc
+    import weakref
+
+    model = make_gpt2()
+    ed = make_editor(model)
+    refs = [weakref.ref(ed.apply(REQUESTS[i : i + 2])) for i in (0, 2, 4)]
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(ed._written) == 3
+
+
+def test_forced_revert_undoes_and_forgets_the_later_edits():
+    model = make_gpt2()
+    snap = snapshot(model)
+    ed = make_editor(model)
+    a = ed.apply(REQUESTS[:2])
+    b = ed.apply(REQUESTS[2:4])
+    with pytest.raises(RuntimeError, match="reverse order"):
+        a.revert()
+    a.revert(force=True)
+    assert_bit_identical(model, snap)
+    assert b.reverted and ed._written == []
+    with pytest.raises(RuntimeError, match="already reverted"):
+        b.revert()
+    # A dropped later result no longer blocks the order check; its change to the weights
+    # is still caught, and forcing undoes it and forgets its keys.
+    a = ed.apply(REQUESTS[:2])
+    ed.apply(REQUESTS[2:4])  # dropped at once
+    with pytest.raises(RuntimeError, match="changed after this edit"):
+        a.revert()
+    a.revert(force=True)
+    assert_bit_identical(model, snap)
+    assert ed._written == []
+
+
+def test_remember_refuses_twice_reverted_and_foreign_edits_and_forget_undoes_it(tmp_path):
+    from memit_fast import load_edit
+
+    model = make_gpt2()
+    ed = make_editor(model)
+    own = ed.apply(REQUESTS[:2])
+    with pytest.raises(ValueError, match="remembered already"):
+        ed.remember(own)
+    own.save(tmp_path / "e")
+    own.revert()
+    with pytest.raises(ValueError, match="was reverted"):
+        ed.remember(own)
+
+    other = make_gpt2()
+    loaded = load_edit(tmp_path / "e")
+    loaded.apply(other)
+    ed2 = make_editor(other)
+    ed2.remember(loaded)
+    with pytest.raises(ValueError, match="remembered already"):
+        ed2.remember(loaded)
+    # Reverted with its own revert, then forgotten: the next edit is solved against
+    # lambda C alone, as in a session that never made it.
+    loaded.revert(other)
+    ed2.forget(loaded)
+    with pytest.raises(ValueError, match="not remembered"):
+        ed2.forget(loaded)
+    got = ed2.apply(REQUESTS[2:4])
+    want = make_editor(make_gpt2()).apply(REQUESTS[2:4])
+    for l in got.layers:
+        assert torch.equal(got.delta(l), want.delta(l))
+
+    class Wide:
+        layers = (1,)
+        keys = {1: torch.zeros(7, 2)}
+
+    with pytest.raises(ValueError, match="does not fit this model"):
+        ed2.remember(Wide())
