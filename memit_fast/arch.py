@@ -193,6 +193,20 @@ class ModelAdapter:
         emb = self.model.get_input_embeddings()
         return emb is not None and emb.weight is self.head.weight
 
+    def stats_length(self) -> int | None:
+        """The longest statistics text by default: the context, but for LongRoPE models
+        (Phi-3 128k, Phi-3.5, Phi-4-mini) their original context. Past it LongRoPE switches
+        every position of a forward pass to its long frequencies, so a batch's keys would
+        depend on the longest text it holds."""
+        cfg = text_config(self.model)
+        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        original = getattr(cfg, "original_max_position_embeddings", None)
+        if kind == "longrope" and isinstance(original, int) and original > 0:
+            ctx = self.context_length()
+            return original if ctx is None else min(original, ctx)
+        return self.context_length()
+
     def context_length(self) -> int | None:
         cfg = text_config(self.model)
         for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):

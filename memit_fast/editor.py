@@ -522,7 +522,7 @@ class Editor:
             return {l: self._stats[l] for l in layers}
         c = self.config
         ctx = self.adapter.context_length()
-        max_len = c.stats_max_length or ctx or 1024
+        max_len = c.stats_max_length or self.adapter.stats_length() or 1024
         if ctx is not None and max_len > ctx:
             log.info("stats_max_length %d is beyond the model's context: %d used", max_len, ctx)
             max_len = ctx

@@ -192,7 +192,12 @@ class _Batch:
         if self.prefix_width:
             self.prefix_ids, self.prefix_mask = pad_right(pre, pad, device)
             s = self.input_ids.shape[1]
-            self.position_ids = self.prefix_len[:, None] + torch.arange(s, device=device)
+            # A padding column repeats its row's last position: counting on past it could
+            # run beyond the model's context when the group's suffixes differ in length (an
+            # index error for learned positions; dynamic RoPE rescales on the largest id).
+            last = (self.attention_mask.sum(dim=1) - 1).clamp(min=0)
+            cols = torch.minimum(torch.arange(s, device=device)[None, :], last[:, None])
+            self.position_ids = self.prefix_len[:, None] + cols
         self.req_of_seq = lt(req_of_seq)
         self.seq_idx = torch.arange(len(suf), device=device)
         self.lookup = lt(lookup)

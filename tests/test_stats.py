@@ -243,3 +243,27 @@ def test_statistics_length_is_capped_at_the_context(caplog):
     with caplog.at_level("INFO", logger="memit_fast.editor"):
         st = Editor(model, tok, cfg, corpus=long).key_stats()[1]
     assert st.count == 128 and "beyond the model's context" in caplog.text
+
+
+def test_longrope_models_take_statistics_within_their_original_context():
+    """Past original_max_position_embeddings LongRoPE switches a whole forward pass to its
+    long frequencies, so batched statistics would depend on the longest text of a batch:
+    the default statistics length stops at the original context."""
+    import transformers as T
+    from tiny import LLAMA_SIZES
+
+    half = LLAMA_SIZES["hidden_size"] // LLAMA_SIZES["num_attention_heads"] // 2
+    cfg = T.Phi3Config(
+        vocab_size=len(make_tokenizer()),
+        **LLAMA_SIZES,
+        num_key_value_heads=2,
+        original_max_position_embeddings=16,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0] * half,
+            "long_factor": [2.0] * half,
+        },
+    )
+    ad = ModelAdapter(T.Phi3ForCausalLM(cfg))
+    assert ad.context_length() == 128 and ad.stats_length() == 16
+    assert ModelAdapter(make_llama()).stats_length() == 128

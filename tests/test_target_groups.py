@@ -49,3 +49,52 @@ def test_accelerator_merges_a_small_last_group():
     assert len(groups) == 2  # one rewriting group (merged) + the KL group
     cpu = _groups(prepared, split=True, dev=torch.device("cpu"))
     assert len(cpu) == 3  # two suffix lengths + the KL group
+
+
+def test_padding_positions_stay_inside_the_context(monkeypatch):
+    """Grouped as on an accelerator, a request that fills the context with a short suffix
+    shares a batch with one whose suffix is longer. Padding columns must not get position
+    ids past the context (learned positions raised an index error): the targets equal those
+    of the CPU grouping, where each suffix length has its own batch."""
+    from tiny import TEMPLATES, _gpt_like, exact_config, make_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import memit_fast.targets as tm
+    from memit_fast.data import normalize_requests as editor_normalize
+    from memit_fast.editor import Editor
+
+    reqs = [
+        {
+            "prompt": "The quick brown fox jumps over the lazy dog near {} is",
+            "subject": "France",
+            "target": "Rome",
+        },
+        {"prompt": "{} plays the sport of", "subject": "LeBron James", "target": "football"},
+    ]
+    tok = make_tokenizer()
+    cfg = exact_config(steps=3)
+
+    def make_with(n_positions):
+        return _gpt_like(
+            GPT2Config, GPT2LMHeadModel, n_positions=n_positions, n_embd=64, n_layer=4, n_head=4
+        )
+
+    # The context that the longer prompt fills exactly (with its target and templates).
+    probe = Editor(make_with(128)(), tok, cfg, stats={l: torch.eye(256) for l in cfg.layers})
+    needed = max(
+        max(len(e.ids) for e in p.rewrites) + len(p.target_ids) - 1
+        for p in probe.prepare(editor_normalize(reqs), TEMPLATES)
+    )
+    make = make_with(needed)
+
+    def targets(device):
+        real = tm._groups
+        monkeypatch.setattr(tm, "_groups", lambda p, split, dev: real(p, split, device))
+        ed = Editor(make(), tok, cfg, stats={l: torch.eye(256) for l in cfg.layers})
+        prepared = ed.prepare(editor_normalize(reqs), ed.context_templates())
+        settings = tm.TargetSettings.from_config(cfg, cfg.layers[-1])
+        return tm.compute_targets(ed.model, ed.adapter, prepared, settings, 0, 8).z
+
+    z_acc = targets(torch.device("cuda"))
+    z_cpu = targets(torch.device("cpu"))
+    assert torch.allclose(z_acc, z_cpu, rtol=1e-4, atol=1e-5)
