@@ -84,7 +84,12 @@ def covariance_accumulate(
     ``covariance_finalize(C)`` once after the last batch; it leaves the reference's full
     matrix correct too, so the two paths may be mixed within one pass.
     """
-    if C.dtype == torch.float32 and X.dtype in _KERNEL_DTYPES and uses_triton(C, X):
+    if (
+        C.dtype == torch.float32
+        and C.is_contiguous()  # (the reference takes any layout)
+        and X.dtype in _KERNEL_DTYPES
+        and uses_triton(C, X)
+    ):
         if X.dtype != torch.float32 and _gemm_panels(X.device):
             from .covariance_gemm import gemm_covariance_accumulate
 
@@ -117,10 +122,40 @@ def _weight_on_triton(W: torch.Tensor, *operands: torch.Tensor) -> bool:
     )
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[first, last]`` that ``t`` spans in its storage."""
+    first = t.data_ptr()
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
+    return first, first + span * t.element_size() + t.element_size() - 1
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory (their storages' byte ranges meet)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 <= b1 and b0 <= a1
+
+
+def _unaliased(W: torch.Tensor, *operands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands of an in-place write into ``W``, each copied if it shares memory with
+    ``W`` (the kernels' programs would read what others already wrote). A ``W`` whose
+    elements share memory (an expanded tensor) cannot be written in place."""
+    if W.numel() > 1 and any(st == 0 and n > 1 for n, st in zip(W.shape, W.stride())):
+        raise ValueError(
+            f"W (shape {tuple(W.shape)}, strides {W.stride()}) has elements that share "
+            "memory (an expanded tensor); it cannot be updated in place"
+        )
+    return tuple(x.clone() if _overlaps(W, x) else x for x in operands)
+
+
 def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed: bool) -> None:
     """``W += R U^T`` in place, accumulated in fp32 and rounded once into ``W.dtype``.
     ``W (dh, dk)``, or ``(dk, dh)`` when ``transposed`` (GPT-2's ``Conv1D``); ``R (dh, n)``;
     ``U (dk, n)`` (any float dtype; float64 goes in as fp32)."""
+    R, U = _unaliased(W, R, U)
     if _weight_on_triton(W, R, U):
         from .update import triton_lowrank_update
 
@@ -132,6 +167,7 @@ def lowrank_update(W: torch.Tensor, R: torch.Tensor, U: torch.Tensor, transposed
 def dense_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
     """``W += D^T`` in place (``W += D`` when ``transposed``), in fp32 and rounded once into
     ``W.dtype``; ``D (dk, dh)`` any float dtype. One memory-bound pass (Triton on CUDA)."""
+    (D,) = _unaliased(W, D)
     if _weight_on_triton(W, D):
         from .update import triton_dense_update
 
@@ -154,6 +190,7 @@ def fused_solve_update(
     ``K R^T``; ``"auto"`` takes whichever has fewer right-hand sides. The Triton path
     solves in fp32 (bf16x6 tensor-core GEMMs): an opt-in fast path, not the engine's default
     float64 solve."""
+    L, K, R = _unaliased(W, L, K, R)
     if _weight_on_triton(W, L, K, R):
         from .update import triton_fused_solve_update
 

@@ -16,6 +16,7 @@ compiles: run this module in a process without it (the tests do).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Iterable
@@ -159,21 +160,22 @@ def representative_launches(arch: int) -> dict[str, Launch]:
         for dtype in covariance.SUPPORTED_DTYPES:
             dname = torch_to_triton_dtype(dtype)
             for masked in (False, True):
-                C, X = _meta(d, d), _meta(t, d, dtype=dtype)
-                mask = _meta(t, dtype=torch.bool) if masked else None
-                for i, lc in enumerate(
-                    covariance.plan_covariance_accumulate(C, X, mask, arch=arch)
-                ):
-                    launches.append((f"covariance/{dname}/mask={masked}/{size}/{i}", lc))
-        # W dtype x operand dtype as the engine hands them over: float64 solutions (fp32
-        # operands) for every W dtype, and 16-bit operands matching a 16-bit W.
-        for w_dtype, op_dtype in [
-            (torch.float32, torch.float64),
-            (torch.float16, torch.float64),
-            (torch.bfloat16, torch.float64),
-            (torch.float16, torch.float16),
-            (torch.bfloat16, torch.bfloat16),
-        ]:
+                # Keys whose rows are further apart than d (a slice of wider activations)
+                # specialize the row stride differently.
+                for wide in (False, True):
+                    C = _meta(d, d)
+                    X = _meta(t, d + 16, dtype=dtype)[:, :d] if wide else _meta(t, d, dtype=dtype)
+                    mask = _meta(t, dtype=torch.bool) if masked else None
+                    for i, lc in enumerate(
+                        covariance.plan_covariance_accumulate(C, X, mask, arch=arch)
+                    ):
+                        name = f"covariance/{dname}/mask={masked}/wide={wide}"
+                        launches.append((f"{name}/{size}/{i}", lc))
+        # Every W dtype with every operand dtype (float64 solutions go in as fp32).
+        for w_dtype, op_dtype in itertools.product(
+            (torch.float32, torch.float16, torch.bfloat16),
+            (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+        ):
             W = _meta(dh, dk, dtype=w_dtype)
             R, U = _meta(dh, n, dtype=op_dtype), _meta(dk, n, dtype=op_dtype)
             Wm, P, Q = update.lowrank_operands(W, R, U, transposed=False)
@@ -182,21 +184,36 @@ def representative_launches(arch: int) -> dict[str, Launch]:
                 launches.append((f"{name}/{size}/{i}", lc))
         # Both solve orders (the right-hand sides are the keys, or the columns of K R^T),
         # the second also with a transposed (Conv1D) weight, whose add reads D untransposed.
+        # A bf16 W takes bf16x6 GEMMs, an fp32 W IEEE ones.
         L, K, R = _meta(dk, dk), _meta(dk, n), _meta(dh, n)
-        for order, transposed in [("keys", False), ("update", False), ("update", True)]:
-            W = _meta(*((dk, dh) if transposed else (dh, dk)), dtype=torch.bfloat16)
-            plan = update.plan_fused_solve_update(W, L, K, R, transposed, arch=arch, order=order)
-            for i, lc in enumerate(plan):
-                name = f"fused_solve_update/{order}/T={transposed}"
-                launches.append((f"{name}/{size}/{i}", lc))
+        for w_dtype in (torch.bfloat16, torch.float32):
+            for order, transposed in [("keys", False), ("update", False), ("update", True)]:
+                W = _meta(*((dk, dh) if transposed else (dh, dk)), dtype=w_dtype)
+                plan = update.plan_fused_solve_update(
+                    W, L, K, R, transposed, arch=arch, order=order
+                )
+                for i, lc in enumerate(plan):
+                    wname = torch_to_triton_dtype(w_dtype)
+                    name = f"fused_solve_update/W={wname}/{order}/T={transposed}"
+                    launches.append((f"{name}/{size}/{i}", lc))
         # dense_update: the engine's update-order write of its fp32 dW^T (dk, dh), into
         # each weight dtype and both layouts.
         for w_dtype in (torch.float32, torch.float16, torch.bfloat16):
             for transposed in (False, True):
-                W = _meta(*((dk, dh) if transposed else (dh, dk)), dtype=w_dtype)
-                lc = update.plan_add_update(W, _meta(dk, dh), transposed)
-                name = f"dense_update/W={torch_to_triton_dtype(w_dtype)}/T={transposed}"
-                launches.append((f"{name}/{size}/0", lc))
+                # W row-major, or column-major (a transposed view, which the dispatch takes).
+                for colmajor in (False, True):
+                    shape = (dk, dh) if transposed else (dh, dk)
+                    W = (
+                        _meta(*shape[::-1], dtype=w_dtype).T
+                        if colmajor
+                        else _meta(*shape, dtype=w_dtype)
+                    )
+                    lc = update.plan_add_update(W, _meta(dk, dh), transposed)
+                    name = (
+                        f"dense_update/W={torch_to_triton_dtype(w_dtype)}/T={transposed}"
+                        f"/colmajor={colmajor}"
+                    )
+                    launches.append((f"{name}/{size}/0", lc))
     return unique_launches(launches)
 
 

@@ -127,7 +127,8 @@ def torch_lowrank_update(
     dW = R.to(torch.float32) @ U.to(torch.float32).T
     if transposed:
         dW = dW.T
-    W.copy_((W.to(torch.float32) + dW).to(W.dtype))
+    acc = torch.promote_types(W.dtype, torch.float32)  # a float64 W keeps its bits
+    W.copy_((W.to(acc) + dW).to(W.dtype))
 
 
 def torch_dense_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
@@ -135,7 +136,8 @@ def torch_dense_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> No
     ``W.dtype``: the update ``dW^T (dk, dh)`` that MEMIT's update order solves for."""
     check_dense_args(W, D, transposed)
     dW = D.to(torch.float32)
-    W.copy_((W.to(torch.float32) + (dW if transposed else dW.T)).to(W.dtype))
+    acc = torch.promote_types(W.dtype, torch.float32)  # a float64 W keeps its bits
+    W.copy_((W.to(acc) + (dW if transposed else dW.T)).to(W.dtype))
 
 
 def check_dense_args(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> None:
@@ -167,8 +169,8 @@ def check_solve_args(
         )
     if L.device != W.device:
         raise ValueError(f"fused_solve_update: L is on {L.device} but W on {W.device}")
-    if not L.is_floating_point():
-        raise TypeError(f"fused_solve_update: L must be floating point, got {L.dtype}")
+    if L.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"fused_solve_update: L must be float32 or float64, got {L.dtype}")
 
 
 ORDERS = ("auto", "keys", "update")

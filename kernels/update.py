@@ -477,9 +477,10 @@ def plan_add_update(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> Launc
 
 
 def _pad_columns(n: int, device: torch.device) -> int:
-    """Zero columns to add to ``n`` on ``device``: up to a multiple of 16 on CUDA, none
-    elsewhere (the interpreter pays for every column)."""
-    return -n % 16 if device.type == "cuda" else 0
+    """Zero columns to add to ``n`` on ``device``: up to a multiple of 16 on CUDA and on the
+    meta device (where the ahead-of-time build plans the GPU's launches), none elsewhere
+    (the interpreter pays for every column)."""
+    return -n % 16 if device.type in ("cuda", "meta") else 0
 
 
 def plan_fused_solve_update(

@@ -114,3 +114,33 @@ def test_import_needs_no_triton_and_no_gpu():
         "assert not torch.cuda.is_initialized()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_float64_weight_keeps_its_bits():
+    """The references add in fp32 for 16- and 32-bit weights, in float64 for a float64
+    weight: a zero update leaves every bit of it (fp32 would round 1 + 1e-12 to 1)."""
+    W = torch.full((5, 7), 1 + 1e-12, dtype=torch.float64)
+    before = W.clone()
+    K.lowrank_update(W, torch.zeros(5, 2), torch.zeros(7, 2), False)
+    K.dense_update(W, torch.zeros(7, 5), False)
+    assert torch.equal(W, before)
+
+
+def test_operands_that_alias_the_weight_are_copied_first(monkeypatch):
+    """A Triton write into W reads its operands while other programs write W: an operand
+    that shares W's memory is copied before the launch (under the interpreter here)."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(K, "_weight_on_triton", lambda W, *ops: True)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 40, generator=g)
+    want = W + W.T
+    K.dense_update(W, W, False)
+    assert torch.allclose(W, want, rtol=1e-6, atol=1e-6)
+    W = torch.randn(40, 40, generator=g)
+    U = torch.randn(40, 8, generator=g)
+    want = W + W[:, :8] @ U.T
+    K.lowrank_update(W, W[:, :8], U, False)
+    assert torch.allclose(W, want, rtol=1e-5, atol=1e-5)
+    assert not K._overlaps(W[:, :8], W[:, 8:16].T.contiguous())
+    with pytest.raises(ValueError, match="share memory"):
+        K.dense_update(torch.zeros(1, 6).expand(4, 6), torch.zeros(6, 4), False)
