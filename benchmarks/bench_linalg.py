@@ -115,7 +115,14 @@ class Bench:
 
     def timed(self, dk: int, n, variant: str, fn) -> tuple[float, object]:
         out = []
-        t = harness.time_fn(lambda: out.append(fn()), self.device, warmup=1, rep=self.rep)
+
+        def call():
+            # Only the last output is kept (the timer calls this dozens of times on a GPU,
+            # and at dk = 16384 each factor is 2.1 GB), and it is dropped before the next.
+            out.clear()
+            out.append(fn())
+
+        t = harness.time_fn(call, self.device, warmup=1, rep=self.rep)
         self.record(dk, n, variant, "median_ms", t["median_ms"], "ms")
         return t["median_ms"], out[-1]
 
@@ -280,12 +287,21 @@ def main() -> None:
         matrices = [load_file(args.stats)["C"].to(device, torch.float32)]
     else:
         matrices = [synthetic_stats(int(dk), device) for dk in args.dk.split(",")]
+    saved = 0
+
+    def save() -> None:  # rows reach the CSV as each size finishes (a later one may fail)
+        nonlocal saved
+        if len(bench.rows) > saved:
+            path = harness.append_rows("bench_linalg", bench.rows[saved:])
+            print(f"{len(bench.rows) - saved} rows -> {path}", flush=True)
+            saved = len(bench.rows)
+
     for C in matrices:
         solver = bench.factor(C)
+        save()
         for n in args.n.split(","):
             bench.solve(C, solver, int(n))
-    path = harness.append_rows("bench_linalg", bench.rows)
-    print(f"\n{len(bench.rows)} rows -> {path}")
+            save()
     print(harness.markdown_table(bench.rows, ["shape", "n", "variant", "metric", "value", "unit"]))
 
 

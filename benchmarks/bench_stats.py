@@ -59,6 +59,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+# The passes timed: all layers in one pass; one pass per layer stopping after it; one pass
+# per layer through the whole model (the published structure).
+VARIANTS = ("one_pass", "per_layer_stop", "per_layer_full")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=MODELS)
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--corpus", default=None)
-    ap.add_argument("--variants", default="one_pass,per_layer_stop,per_layer_full")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=None)
@@ -107,6 +112,9 @@ def main(argv=None) -> int:
     n_tokens = sum(len(t) for t in texts)
     pad = pad_id(tok)
     variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        ap.error(f"--variants: unknown {unknown}; take some of {', '.join(VARIANTS)}")
     model_label = args.model + ("-tiny" if args.tiny else "") + ("-random" if random_arch else "")
     dev_label = device_name(device)
     shape = f"layers={','.join(map(str, layers))};texts={len(texts)};tokens={n_tokens}"
@@ -132,6 +140,40 @@ def main(argv=None) -> int:
             for l in layers
         }
 
+    common = dict(
+        benchmark="stats",
+        model=model_label,
+        dtype=dtype_name,
+        device=dev_label,
+        n=len(layers),
+        shape=shape,
+    )
+
+    def variant_rows(v):
+        rows = [
+            make_row(variant=v, metric="seconds", value=round(times[v], 4), unit="s", **common),
+            make_row(variant=v, metric="cpu_seconds", value=round(cpus[v], 4), unit="s", **common),
+            make_row(
+                variant=v,
+                metric="tokens_per_s",
+                value=round(n_tokens / times[v], 1),
+                unit="tokens/s",
+                **common,
+            ),
+            make_row(
+                variant=v,
+                metric="peak_memory",
+                value=peaks[v],
+                unit=f"bytes ({mem.kind})",
+                **common,
+            ),
+        ]
+        if "one_pass" in times and v != "one_pass":
+            ratio, cpu_ratio = times[v] / times["one_pass"], cpus[v] / cpus["one_pass"]
+            rows.append(make_row(variant=v, metric="ratio_vs_one_pass", value=round(ratio, 3), unit="x", **common))  # fmt: skip
+            rows.append(make_row(variant=v, metric="cpu_ratio_vs_one_pass", value=round(cpu_ratio, 3), unit="x", **common))  # fmt: skip
+        return rows
+
     with sdpa_context(args.sdpa):  # the attention backends of every timed pass
         # Warm-up: one small batch through the whole model.
         with torch.no_grad():
@@ -150,6 +192,8 @@ def main(argv=None) -> int:
             cpus[v] = time.process_time() - c0
             peaks[v] = mem.peak()
             print(f"   {times[v]:.2f} s ({cpus[v]:.2f} s CPU)", flush=True)
+            # Each variant's rows reach the CSV as it finishes (a later one may time out).
+            append_rows(args.csv, variant_rows(v))
     base = variants[0]
     agree = {v: max(rel(out[v][l].mom2, out[base][l].mom2) for l in layers) for v in variants[1:]}
     for v, e in agree.items():
@@ -157,34 +201,10 @@ def main(argv=None) -> int:
         if e > 1e-4:
             print(f"WARNING: {v} disagrees with {base}")
 
-    common = dict(
-        benchmark="stats",
-        model=model_label,
-        dtype=dtype_name,
-        device=dev_label,
-        n=len(layers),
-        shape=shape,
-    )
-    rows = []
     table = []
     for v in variants:
-        rows.append(make_row(variant=v, metric="seconds", value=round(times[v], 4), unit="s", **common))  # fmt: skip
-        rows.append(make_row(variant=v, metric="cpu_seconds", value=round(cpus[v], 4), unit="s", **common))  # fmt: skip
-        rows.append(
-            make_row(
-                variant=v,
-                metric="tokens_per_s",
-                value=round(n_tokens / times[v], 1),
-                unit="tokens/s",
-                **common,
-            )
-        )
-        rows.append(make_row(variant=v, metric="peak_memory", value=peaks[v], unit=f"bytes ({mem.kind})", **common))  # fmt: skip
         ratio = times[v] / times["one_pass"] if "one_pass" in times else None
         cpu_ratio = cpus[v] / cpus["one_pass"] if "one_pass" in cpus else None
-        if ratio is not None and v != "one_pass":
-            rows.append(make_row(variant=v, metric="ratio_vs_one_pass", value=round(ratio, 3), unit="x", **common))  # fmt: skip
-            rows.append(make_row(variant=v, metric="cpu_ratio_vs_one_pass", value=round(cpu_ratio, 3), unit="x", **common))  # fmt: skip
         table.append(
             {
                 "variant": v,
@@ -197,7 +217,6 @@ def main(argv=None) -> int:
                 "max rel. diff": f"{agree[v]:.1e}" if v in agree else "",
             }
         )
-    append_rows(args.csv, rows)
     md = f"### statistics — {model_label}, {dev_label}, {dtype_name}\n\n{shape}\n\n"
     md += markdown_table(
         table,

@@ -203,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
 
     built_cmd = [sys.executable, "-c", PROBE_BUILT]
     proc = start(built_cmd, env)
-    out, _ = proc.communicate(timeout=args.timeout)
+    try:
+        out, _ = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        print(f"built _C: no answer in {args.timeout} s (hung?)\n{out[-2000:]}")
+        return 1
     print(f"built _C: {describe(proc.returncode, out)}")
     built_ok = proc.returncode == 0 and "no error raised" not in out
     if built_ok and not args.all:

@@ -28,10 +28,13 @@
 # 16384 / 100,10000), LINALG_UPDATE_BLOCKS / LINALG_UPDATE_METHODS (cholesky_update also
 # timed at these block widths, 0 the default, by these methods; default 0,128,256,1024 and
 # qr,chol,product; empty skips), LINALG_TRSM (the extension's triangular solves timed:
-# library and/or blocked, default both), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
-# these chunk sizes on this random architecture; default llama-2-7b / 32,64,128,256; empty
-# skips), SDPA_AB (1, the default: the target and statistics steps again without cuDNN
-# attention, in processes of their own; 0 skips).
+# library and/or blocked, default both; also the trsm choices of the profile_linalg.py step,
+# PROFILE_LINALG=0 skips it), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
+# these chunk sizes on this random architecture; default llama-2-7b / 32,64,128,256; an
+# empty TARGETS_MODEL skips; on an 80 GB H100 keep the chunks to 128: 256 requests of
+# llama-2-7b need about 79 GiB), STATS_VARIANTS (bench_stats.py --variants), SDPA_AB (1, the
+# default: the target and statistics steps again without cuDNN attention, in processes of
+# their own; 0 skips).
 # Every step runs under its own time limit; a failing step is reported and the suite goes
 # on; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -50,7 +53,9 @@ while [ $# -gt 0 ]; do
     --with-build) WITH_BUILD=1 ;;
     --with-tests) WITH_TESTS=1 ;;
     --pack) PACK=1 ;;
-    --budget) BUDGET=$2; shift ;;
+    --budget)
+      [ $# -ge 2 ] || { echo "gpu_suite.sh: --budget needs a number of seconds" >&2; exit 2; }
+      BUDGET=$2; shift ;;
     -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -60,6 +65,7 @@ if [ -z "$BUDGET" ]; then
   if [ $DRY = 1 ]; then BUDGET=120; else BUDGET=590; fi
 fi
 
+OUT_GIVEN=${OUT:+1}                      # --pack clears only a folder the caller named
 RESULTS=${OUT:-$REPO/benchmarks/results}
 mkdir -p "$RESULTS"
 export OUT=$RESULTS                      # the benchmarks' harness writes CSV rows here
@@ -245,6 +251,19 @@ else
   bench_nomd bench_linalg.py 120 --device cuda --dk "${LINALG_DK:-16384}" \
     --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-0,128,256,1024}" \
     --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}" --trsm "${LINALG_TRSM:-library,blocked}"
+  if [ "${PROFILE_LINALG:-1}" = 1 ] && [ -f benchmarks/profile_linalg.py ]; then
+    step "profile_linalg.py" 60 "$PYTHON" benchmarks/profile_linalg.py --device cuda \
+      --dk "${LINALG_DK:-16384}" --n 100 --trsm "${LINALG_TRSM:-library,blocked}" \
+      --out "$RESULTS/profile_linalg.md"
+  fi
+  # The statistics pass (its rows reach the CSV variant by variant), then the same one pass
+  # without cuDNN attention: does a graph per shape cost what llama's pass lost?
+  if [ -n "$STATS_MODEL" ]; then
+    bench bench_stats.py 90 --model "$STATS_MODEL" --device cuda --samples 1000 \
+      --max-length 256 --batch-size 16 --variants "${STATS_VARIANTS:-one_pass,per_layer_stop,per_layer_full}"
+    [ "${SDPA_AB:-1}" = 1 ] && bench bench_stats.py 40 --model "$STATS_MODEL" --device cuda \
+      --samples 1000 --max-length 256 --batch-size 16 --variants one_pass --sdpa no-cudnn
+  fi
   # The target phase by chunk size: does a larger chunk pay on this device, and what does a
   # request cost in memory (the engine's default chunk is 64)? And what prefix reuse saves.
   if [ -n "${TARGETS_MODEL-llama-2-7b}" ]; then
@@ -270,12 +289,6 @@ else
       --modes "${EDIT_MODES:-fast,published}" --published-max-n 100 --stats-samples 1000 --stats-max-length 256 \
       --target-chunk "$chunk" --key-chunk 256 --budget-s 70
   done
-  if [ -n "$STATS_MODEL" ]; then
-    bench bench_stats.py 40 --model "$STATS_MODEL" --device cuda --samples 1000 \
-      --max-length 256 --batch-size 16
-    [ "${SDPA_AB:-1}" = 1 ] && bench bench_stats.py 40 --model "$STATS_MODEL" --device cuda \
-      --samples 1000 --max-length 256 --batch-size 16 --variants one_pass --sdpa no-cudnn
-  fi
 fi
 
 # 4. The issues' GPU targets from this run's rows (met / missed / not measured), then plots
@@ -295,9 +308,13 @@ rm -f "$STEPS" "$STEP_OUT"
 
 if [ $PACK = 1 ]; then
   # Written beside the folder, then moved in (tar refuses a folder that grows as it reads).
+  # The loose files are deleted only from a folder named by $OUT (never the checkout's
+  # benchmarks/results, whose files are tracked).
   PACKED=$(mktemp -d)/gpu_suite_results.tar.gz
   (cd "$RESULTS" && tar czf "$PACKED" --exclude suite.md --exclude suite.log . && \
-    find . -maxdepth 1 -type f ! -name suite.md ! -name suite.log -delete && \
+    if [ -n "$OUT_GIVEN" ]; then
+      find . -maxdepth 1 -type f ! -name suite.md ! -name suite.log -delete
+    fi && \
     mv "$PACKED" gpu_suite_results.tar.gz)
 fi
 

@@ -2,7 +2,11 @@
 the kernels (by device time) for ``cholesky_update`` and ``LayerSolver.solve`` on the
 statistics of ``bench_linalg.py``. For a lent GPU; runs anywhere.
 
-    python benchmarks/profile_linalg.py --device cuda --dk 16384 --n 100
+    python benchmarks/profile_linalg.py --device cuda --dk 16384 --n 100 --trsm library,blocked \
+        --out "$OUT/profile_linalg.md"
+
+``--trsm`` profiles the extension's triangular solves as the library's ``trsm`` and/or as
+GEMMs with inverted diagonal blocks (``MEMIT_FAST_TRSM=blocked``, read at each call).
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--methods", default="product,auto", help="cholesky_update methods")
     p.add_argument("--rows", type=int, default=12, help="rows of each table")
+    p.add_argument("--trsm", default="library", help="library and/or blocked (comma-separated)")
+    p.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = p.parse_args()
+    trsms = [t for t in args.trsm.split(",") if t]
+    if not trsms or not set(trsms) <= {"library", "blocked"}:
+        p.error("--trsm takes library and/or blocked")
     device = torch.device(args.device)
     C = synthetic_stats(args.dk, device)
     solver = la.LayerSolver(C, LAM)
@@ -42,19 +51,30 @@ def main() -> None:
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    for name, fn in cases:
-        fn()  # warm-up (library handles, first launches)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        with profile(activities=activities) as prof:
-            fn()
+    parts = []
+    for trsm in trsms:
+        if trsm == "blocked":
+            os.environ["MEMIT_FAST_TRSM"] = "blocked"
+        else:
+            os.environ.pop("MEMIT_FAST_TRSM", None)
+        for name, fn in cases:
+            fn()  # warm-up (library handles, first launches)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        print(f"### {name}, dk={args.dk}, n={args.n}, {device}\n\n```")
-        print(
-            prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
-        )
-        print("```\n")
+            with profile(activities=activities) as prof:
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            table = prof.key_averages().table(
+                sort_by=sort, row_limit=args.rows, max_name_column_width=60
+            )
+            part = f"### {name}, trsm {trsm}, dk={args.dk}, n={args.n}, {device}\n\n```\n"
+            part += f"{table}\n```\n"
+            print(part, flush=True)
+            parts.append(part)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(parts))
 
 
 if __name__ == "__main__":

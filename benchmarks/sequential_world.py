@@ -19,13 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import harness  # noqa: E402
 from benchmarks.bench_edit import world_requests  # noqa: E402
 from memit_fast import EditConfig  # noqa: E402
 from memit_fast.editor import Editor  # noqa: E402
 from memit_fast.evaluate import counterfact_metrics  # noqa: E402
 from memit_fast.testing import load_world  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def run(remember: bool, cfg: EditConfig, batches: int, size: int) -> list[list[float]]:
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
         first = es[-1][0] / es[0][0] if es[0][0] else float("nan")
         print(f"\n### {k}: batch 1 keeps {first:.0%} of its efficacy after batch {len(es)}\n")
         print(table(es))
-    with open(os.path.join(RESULTS, "sequential_world.json"), "w") as f:
+    with open(harness.results_dir() / "sequential_world.json", "w") as f:
         json.dump({"config": json.loads(cfg.to_json()), "efficacy": res}, f, indent=1)
     return 0
 
