@@ -10,6 +10,7 @@ No Triton import at load time: imported by the AOT helper and the launchers only
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +47,14 @@ class Launch:
     def run(self) -> None:
         if min(self.grid) == 0:
             return
-        self.kernel[self.grid](
-            *self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages
-        )
+        # Triton launches on the current CUDA device and its stream: make that the device
+        # of the tensors (a model on cuda:1, or split over devices).
+        dev = next((a.device for a in self.args if isinstance(a, torch.Tensor)), None)
+        guard = torch.cuda.device(dev) if dev is not None and dev.type == "cuda" else None
+        with guard if guard is not None else contextlib.nullcontext():
+            self.kernel[self.grid](
+                *self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages
+            )
 
 
 def arch_of(device: torch.device) -> int:

@@ -47,10 +47,14 @@ log = logging.getLogger(__name__)
 def _clock() -> float:
     """``time.perf_counter()`` once the CUDA devices' queued work is done. CUDA runs
     asynchronously, so without the wait a phase's kernels are billed to the next phase that
-    waits for a result. Touches CUDA only where it is already initialized."""
+    waits for a result. Touches CUDA only where it is already initialized, and only the
+    devices this process has a context on (synchronizing another would create a context
+    there: memory on a GPU the model does not use, or an error on one held exclusively)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        has_context = getattr(torch._C, "_cuda_hasPrimaryContext", lambda i: True)
         for i in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(i)
+            if has_context(i):
+                torch.cuda.synchronize(i)
     return time.perf_counter()
 
 
@@ -139,20 +143,21 @@ class EditResult:
     def request_figures(self) -> list[dict[str, Any]]:
         """One dict per request: final loss, nll, kl, steps used, target probability."""
         t = self.targets
-        out = []
-        for i, r in enumerate(self.requests):
-            out.append(
-                {
-                    "case_id": r.case_id,
-                    "loss": float(t.loss[i]),
-                    "nll": float(t.nll[i]),
-                    "kl": float(t.kl[i]),
-                    "steps": int(t.steps[i]),
-                    "target_prob": float(t.target_prob[i]),
-                    "delta_norm": float(t.delta_norm[i]),
-                }
-            )
-        return out
+        # One copy to the host per figure, not one per request and figure.
+        loss, nll, kl = t.loss.tolist(), t.nll.tolist(), t.kl.tolist()
+        steps, prob, norm = t.steps.tolist(), t.target_prob.tolist(), t.delta_norm.tolist()
+        return [
+            {
+                "case_id": r.case_id,
+                "loss": float(loss[i]),
+                "nll": float(nll[i]),
+                "kl": float(kl[i]),
+                "steps": int(steps[i]),
+                "target_prob": float(prob[i]),
+                "delta_norm": float(norm[i]),
+            }
+            for i, r in enumerate(self.requests)
+        ]
 
     def revert(self, *, force: bool = False) -> None:
         """Restore the exact original weights of every edited layer.
@@ -172,7 +177,7 @@ class EditResult:
             changed = [
                 l
                 for l, fp in self._fingerprints.items()
-                if not torch.equal(weight_fingerprint(self._adapter.weight(l)), fp)
+                if not torch.equal(weight_fingerprint(self._adapter.weight(l)).cpu(), fp.cpu())
             ]
             if changed:
                 raise RuntimeError(
@@ -251,7 +256,11 @@ class Editor:
         self._stats: dict[int, LayerStats] = {}
         if stats is not None:
             for l, C in stats.items():
-                self._stats[int(l)] = LayerStats(mom2=C, count=-1)
+                # On the layer's device: the solves run where the statistics are.
+                l = int(l)
+                if 0 <= l < self.adapter.n_layers:
+                    C = C.to(self.adapter.weight(l).device)
+                self._stats[l] = LayerStats(mom2=C, count=-1)
         self._templates: tuple[str, ...] | None = self.config.context_templates
         self.remember_keys = remember_keys
         self._solvers: dict[int, linalg.LayerSolver] = {}
@@ -287,6 +296,13 @@ class Editor:
             raise ValueError(
                 f"EditConfig.layers {list(config.layers)}: layers {bad} do not exist in a "
                 f"model with {self.adapter.n_layers} blocks"
+            )
+        offloaded = [l for l in config.layers if self.adapter.weight(l).device.type == "meta"]
+        if offloaded:
+            raise ValueError(
+                f"layers {offloaded}: the edited weights are offloaded (on the meta device, as "
+                "accelerate leaves CPU- or disk-offloaded modules); load the model with those "
+                "layers on a device (no offloading) to edit them"
             )
         old, self._config = self._config, config
         if old is None:

@@ -265,21 +265,29 @@ def keys_and_hidden(
     for b0 in range(0, len(seqs), batch_size):
         idx = list(range(b0, min(len(seqs), b0 + batch_size)))
         ids, mask = pad_right([seqs[i] for i in idx], pad, dev)
-        pos = torch.tensor([positions[i] for i in idx], dtype=torch.long)
+        # Indices built before the forward, on the devices of the layers that read them (a
+        # copy from the host inside a hook would stall the queue in mid-forward).
+        pos_list = [positions[i] for i in idx]
         hrows = [j for j, i in enumerate(idx) if i in want_hidden]
+        key_dev = adapter.mlp_out(key_layer).weight.device
+        key_pos = torch.tensor(pos_list, dtype=torch.long).to(key_dev, non_blocking=True)
+        hid_dev = next(adapter.block(hidden_layer).parameters()).device
+        hid_rows = torch.tensor(hrows, dtype=torch.long).to(hid_dev, non_blocking=True)
+        hid_pos = torch.tensor([pos_list[j] for j in hrows], dtype=torch.long).to(
+            hid_dev, non_blocking=True
+        )
         got: dict[str, torch.Tensor] = {}
 
-        def key_hook(mod, args, pos=pos, got=got):
+        def key_hook(mod, args, key_pos=key_pos, got=got):
             x = args[0]
             rows = torch.arange(x.shape[0], device=x.device)
-            got["k"] = x[rows, pos.to(x.device)].float()
+            got["k"] = x[rows, key_pos.to(x.device)].float()
             if key_layer == stop_layer and hidden_rows is None:
                 raise StopForward
 
-        def hid_hook(mod, args, out, pos=pos, got=got, hrows=hrows):
+        def hid_hook(mod, args, out, got=got, hid_rows=hid_rows, hid_pos=hid_pos):
             h = block_output(out)
-            r = torch.tensor(hrows, dtype=torch.long, device=h.device)
-            got["h"] = h[r, pos.to(h.device)[r]].float()
+            got["h"] = h[hid_rows.to(h.device), hid_pos.to(h.device)].float()
             raise StopForward
 
         handles = [adapter.mlp_out(key_layer).register_forward_pre_hook(key_hook)]

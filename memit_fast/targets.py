@@ -336,12 +336,14 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
         pos1 = torch.arange(ids1.shape[1], device=dev).expand_as(ids1)
         if not _run_into_cache(model, adapter, ids1, mask1, pos1, cache):
             return None
-        src_t = torch.tensor(src, dtype=torch.long, device=dev)
+        # On the CPU: each layer's cache indexes with it, and layers may sit on other
+        # devices than the input (a CPU index serves tensors on any device).
+        src_t = torch.tensor(src, dtype=torch.long)
         if hasattr(cache, "batch_select_indices"):
             cache.batch_select_indices(src_t)
         else:  # pragma: no cover
             return None
-        mask1 = mask1[src_t]
+        mask1 = mask1[src_t.to(mask1.device)]
     else:
         mask1 = torch.zeros(batch.rows, 0, dtype=torch.long, device=dev)
     if max(len(x) for x in rests):

@@ -328,8 +328,15 @@ def test_phase_clock_waits_for_every_initialized_cuda_device(monkeypatch):
     editor_mod._clock()
     assert calls == []
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_hasPrimaryContext", lambda i: True, raising=False)
     t = editor_mod._clock()
     assert calls == [0, 1] and isinstance(t, float)
+    # A device this process has no context on is left alone (synchronizing it would
+    # create one).
+    calls.clear()
+    monkeypatch.setattr(torch._C, "_cuda_hasPrimaryContext", lambda i: i == 1, raising=False)
+    editor_mod._clock()
+    assert calls == [1]
 
 
 def test_fault_while_the_keys_join_the_factors_leaves_no_trace(monkeypatch):
@@ -482,3 +489,12 @@ def test_tokenizer_that_appends_eos_edits_as_one_that_does_not():
     a = plain.prepare(reqs, TEMPLATES)
     b = eosy.prepare(reqs, TEMPLATES)
     assert a == b
+
+
+def test_offloaded_layers_are_refused_up_front():
+    """accelerate leaves CPU- or disk-offloaded modules on the meta device: the editor says
+    so instead of failing on the first write."""
+    model, tok = make_gpt2(), make_tokenizer()
+    model.transformer.h[2].mlp.c_proj.to("meta")
+    with pytest.raises(ValueError, match=r"layers \[2\].*offloaded"):
+        Editor(model, tok, cfg())
