@@ -143,7 +143,7 @@ def per_layer_stats(
     c = editor.config
     ad = editor.adapter
     if texts is None:
-        max_len = c.stats_max_length or ad.context_length() or 1024
+        max_len = editor.stats_length()
         texts = _tokenize_corpus(editor.tokenizer, editor._stats_source(), c.stats_samples, max_len)
     texts = _grouped_order(texts, c.stats_batch_size)
     pad = pad_id(editor.tokenizer)

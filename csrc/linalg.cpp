@@ -59,9 +59,9 @@ void check_finite(const at::Tensor& t, const char* op, const char* name) {
 
 // Whether every entry on or below L's diagonal is finite, in row blocks: the part left of
 // each diagonal block read in place, the diagonal block through tril() (small). `exact`
-// tests each entry; otherwise the entries are summed in float64, which a NaN or Inf makes
-// NaN or Inf (one read, no large temporary) but which entries near float64's largest
-// could also overflow: a non-finite sum is therefore rechecked exactly.
+// tests each entry; otherwise the entries are summed in L's dtype, which a NaN or Inf
+// makes NaN or Inf (one read, no temporary of the factor's size) but which large finite
+// entries could also overflow: a non-finite sum is therefore rechecked exactly.
 bool lower_finite(const at::Tensor& L, bool exact) {
   constexpr int64_t step = 1024;
   const int64_t n = L.size(0);
@@ -71,7 +71,7 @@ bool lower_finite(const at::Tensor& L, bool exact) {
     if (exact) {
       acc = acc.logical_and(at::isfinite(part).all());
     } else {
-      acc.add_(part.sum(at::kDouble));
+      acc.add_(part.sum().to(at::kDouble));
     }
   };
   for (int64_t i = 0; i < n; i += step) {

@@ -52,8 +52,12 @@ def check_corpus(path: str | None) -> None:
 
 def _inside(path: str, root: str) -> bool:
     """Whether ``path`` is ``root`` or lies inside it (after resolving links)."""
-    path, root = os.path.realpath(path), os.path.realpath(root)
-    return os.path.commonpath([path, root]) == root
+    path = os.path.normcase(os.path.realpath(path))
+    root = os.path.normcase(os.path.realpath(root))
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # different drives (Windows): not inside
+        return False
 
 
 def check_model_out(out: str, model_dir: str, overwrite: bool) -> None:

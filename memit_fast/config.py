@@ -41,7 +41,7 @@ _FLOAT_RANGES: dict[str, tuple[float | None, bool]] = {
     "clamp_norm_factor": (0.0, True),
     "weight_decay": (0.0, False),
     "kl_factor": (0.0, False),
-    "mom2_update_weight": (0.0, True),
+    "mom2_update_weight": (0.0, False),  # > 0 where the solver uses it (see below)
     "early_stop_loss": (None, False),
     "emmet_ridge": (0.0, False),
     "alphaedit_threshold": (0.0, True),
@@ -83,7 +83,8 @@ class EditConfig:
             > 0.
         weight_decay: weight of ``||delta|| / ||h||^2``; >= 0.
         kl_factor: weight of the KL term on the ``kl_prompt``; >= 0.
-        mom2_update_weight: lambda, the weight of the key statistics in the solve; > 0.
+        mom2_update_weight: lambda, the weight of the key statistics in the solve; > 0 for
+            "memit" and "emmet", >= 0 for the solvers that do not use it.
         early_stop_loss: a request stops optimizing when its loss drops below this (the loss
             is >= 0, so a value <= 0 runs every step).
         kl_prompt: the essence prompt, ``{}`` is the subject.
@@ -228,6 +229,11 @@ class EditConfig:
             raise ValueError(
                 f"EditConfig.solver 'rome' edits exactly one layer, but EditConfig.layers is "
                 f"{layers}; give a single layer or another solver"
+            )
+        if self.solver in ("memit", "emmet") and self.mom2_update_weight == 0:
+            raise ValueError(
+                f"EditConfig.mom2_update_weight (lambda) must be > 0 for solver "
+                f"{self.solver!r}, got 0.0 (lambda * C is what protects other knowledge)"
             )
         if self.solve_order not in SOLVE_ORDERS:
             raise ValueError(

@@ -29,6 +29,7 @@ from memit_fast.stats import (
     LayerStats,
     ReplayableTexts,
     StatsCache,
+    bit_sums,
     collect_stats,
     corpus_id,
     default_corpus_path,
@@ -74,25 +75,10 @@ class EditFailedError(RuntimeError):
     weights are as they were before ``apply``."""
 
 
-# Elements per chunk of ``weight_fingerprint`` (bounds its temporaries).
-_FINGERPRINT_CHUNK = 1 << 22
-
-
 def weight_fingerprint(W: torch.Tensor) -> torch.Tensor:
-    """An exact checksum of ``W``'s bits: ``(2,)`` int64 on ``W``'s device, the sum of the
-    raw bit patterns and their sum weighted by position (modulo a prime). Integer sums are
-    exact and order-independent, so the same bits give the same value on any run; one pass
-    over ``W`` in chunks, without a copy of it."""
-    flat = W.detach().reshape(-1)
-    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
-    raw = flat.view(bits)
-    out = torch.zeros(2, dtype=torch.int64, device=W.device)
-    for a in range(0, raw.numel(), _FINGERPRINT_CHUNK):
-        x = raw[a : a + _FINGERPRINT_CHUNK].to(torch.int64)
-        w = torch.arange(a, a + x.numel(), device=W.device) % 65521 + 1
-        out[0] += x.sum()
-        out[1] += (x * w).sum()
-    return out
+    """An exact checksum of ``W``'s bits (:func:`memit_fast.stats.bit_sums`, position-
+    weighted): ``(2,)`` int64 on ``W``'s device, the same for the same bits on any run."""
+    return bit_sums(W, weighted=True)
 
 
 @dataclass(eq=False)
@@ -405,7 +391,7 @@ class Editor:
             raise ValueError("remember: this Editor was made with remember_keys=False")
         if getattr(edit, "reverted", False):
             raise ValueError("remember: this edit was reverted; its keys protect nothing")
-        if any(ref() is edit for ref, _ in self._written):
+        if self._find_written(edit) is not None:
             raise ValueError("remember: this edit is remembered already")
         dk = self.adapter.dims()[0]
         bad = {l: tuple(k.shape) for l, k in keys.items() if k.dim() != 2 or k.shape[0] != dk}
@@ -419,7 +405,7 @@ class Editor:
         if callable(check):  # a LoadedEdit: the model it was made for (structure only)
             check(self.model, weights=None)
         self._written.append(
-            (weakref.ref(edit), {l: k.detach().float().cpu() for l, k in keys.items()})
+            (_holder(edit), {l: k.detach().float().cpu() for l, k in keys.items()})
         )
         self._solvers.clear()  # rebuilt from lambda C and every remembered key
         cfg = getattr(edit, "config", None)
@@ -436,9 +422,25 @@ class Editor:
         """Stop protecting the keys of a remembered ``edit`` (say a
         :class:`~memit_fast.artifacts.LoadedEdit` reverted with its own ``revert``). An
         :class:`EditResult` of this Editor is forgotten by its ``revert()``."""
-        if not any(ref() is edit for ref, _ in self._written):
+        pos = self._find_written(edit)
+        if pos is None:
             raise ValueError("forget: this edit is not remembered by this Editor")
-        self._forget(edit)
+        self._written.pop(pos)
+        self._solvers.clear()  # rebuilt from lambda C and the remaining keys
+
+    def _find_written(self, edit) -> int | None:
+        """The position of ``edit`` among the written and remembered edits: the same object,
+        or an edit with the same keys (the same saved edit loaded twice)."""
+        for i, (ref, _) in enumerate(self._written):
+            if ref() is edit:
+                return i
+        keys = dict(getattr(edit, "keys", None) or {})
+        for i, (_, ks) in enumerate(self._written):
+            if set(ks) == set(keys) and all(
+                torch.equal(ks[l], keys[l].detach().float().cpu()) for l in ks
+            ):
+                return i
+        return None
 
     def _forget(self, result, undone_later: bool = False) -> None:
         """Called by ``result.revert()``: its keys no longer protect anything. With
@@ -446,23 +448,31 @@ class Editor:
         undone too: they are forgotten, and this Editor's results among them marked
         reverted where every layer they wrote was restored."""
         pos = next((i for i, (ref, _) in enumerate(self._written) if ref() is result), None)
-        drop = set() if pos is None else {pos}
-        if undone_later and pos is not None:
-            for i in range(pos + 1, len(self._written)):
-                ref, ks = self._written[i]
-                if set(ks) & set(result.layers):
-                    drop.add(i)
+        kept = list(self._written)
+        if pos is not None:
+            undone = set(result.layers)
+            if undone_later:
+                # The later edits lose the restored layers: their keys there protect
+                # nothing, and their own revert must not write those layers again.
+                for i in range(pos + 1, len(kept)):
+                    ref, ks = kept[i]
+                    hit = sorted(set(ks) & undone)
+                    if not hit:
+                        continue
+                    log.warning("revert(force=True): a later edit on layers %s is undone too", hit)
+                    kept[i] = (ref, {l: k for l, k in ks.items() if l not in undone})
                     later = ref()
-                    log.warning(
-                        "revert(force=True): a later edit on layers %s is undone too",
-                        sorted(set(ks) & set(result.layers)),
-                    )
-                    if isinstance(later, EditResult) and set(later.layers) <= set(result.layers):
-                        later.reverted = True
-        self._history = [ref for ref in self._history if ref() is not None and ref() is not result]
-        if drop:
-            self._written = [e for i, e in enumerate(self._written) if i not in drop]
+                    if isinstance(later, EditResult):
+                        for l in hit:
+                            later._originals.pop(l, None)
+                            later._fingerprints.pop(l, None)
+                        if not later._originals:
+                            later.reverted = True
+            kept.pop(pos)
+            kept = [(ref, ks) for ref, ks in kept if ks]
             self._solvers.clear()  # rebuilt from lambda C and the remaining keys
+        self._written = kept
+        self._history = [ref for ref in self._history if ref() is not None and ref() is not result]
 
     # ------------------------------------------------------------------ inputs
 
@@ -524,6 +534,16 @@ class Editor:
 
     # ------------------------------------------------------------------ statistics
 
+    def stats_length(self) -> int:
+        """Tokens per statistics text: ``config.stats_max_length``, by default the model's
+        (:meth:`ModelAdapter.stats_length`), never beyond its context."""
+        ctx = self.adapter.context_length()
+        max_len = self.config.stats_max_length or self.adapter.stats_length() or 1024
+        if ctx is not None and max_len > ctx:
+            log.info("stats_max_length %d is beyond the model's context: %d used", max_len, ctx)
+            max_len = ctx
+        return max_len
+
     def _stats_source(self):
         if self.corpus is not None:
             return self.corpus
@@ -537,11 +557,7 @@ class Editor:
         if not missing:
             return {l: self._stats[l] for l in layers}
         c = self.config
-        ctx = self.adapter.context_length()
-        max_len = c.stats_max_length or self.adapter.stats_length() or 1024
-        if ctx is not None and max_len > ctx:
-            log.info("stats_max_length %d is beyond the model's context: %d used", max_len, ctx)
-            max_len = ctx
+        max_len = self.stats_length()
         source = self._stats_source()
         cid = corpus_id(source, self.corpus_id)
         metas = {}
@@ -744,9 +760,18 @@ class Editor:
                     ad.weight(l).copy_(w0)
             raise
         if self.remember_keys:
-            self._written.append((weakref.ref(result), written_keys))
+            self._written.append((_holder(result), written_keys))
         self._history.append(weakref.ref(result))
         return result
+
+
+def _holder(edit):
+    """How the Editor holds a written or remembered edit: weakly where it can (a dropped
+    result frees its copy of the original weights; its keys are kept apart), else strongly."""
+    try:
+        return weakref.ref(edit)
+    except TypeError:
+        return lambda: edit
 
 
 def _average_keys(k_all: torch.Tensor, n: int, T: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ state is the block's output. MEMIT reads both at the last token of the subject.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,13 +53,8 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
     start = len(prefix) + pos
     end = start + len(subject)
     if _fast(tokenizer):
-        enc = tokenizer(
-            text,
-            add_special_tokens=True,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-        )
-        ids = _strip_trailing_specials(list(enc["input_ids"]), enc["special_tokens_mask"])
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = _strip_tail(list(enc["input_ids"]), appended_tail(tokenizer))
         last = -1
         for i, (a, b) in enumerate(enc["offset_mapping"]):
             if b > a and a < end and b > start:
@@ -68,11 +64,8 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
                 f"no token of {text!r} covers the subject {subject!r} (characters {start}-{end})"
             )
     else:
-        specials = set(getattr(tokenizer, "all_special_ids", ()) or ())
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-        ids = _strip_trailing_specials(ids, [int(t in specials) for t in ids])
-        upto = list(tokenizer(text[:end], add_special_tokens=True)["input_ids"])
-        upto = _strip_trailing_specials(upto, [int(t in specials) for t in upto])
+        ids = encode_prompt(tokenizer, text)
+        upto = encode_prompt(tokenizer, text[:end])
         last = len(upto) - 1
         if last < 0 or ids[: last + 1] != list(upto):
             raise SubjectNotFoundError(
@@ -82,21 +75,48 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
     return Encoded(tuple(ids), last)
 
 
-def _strip_trailing_specials(ids: list[int], special_mask: Sequence[int]) -> list[int]:
-    """``ids`` without the special tokens a tokenizer appends (an EOS, for tokenizers made
-    with ``add_eos_token=True``): a prompt must end at its text, where the target follows,
-    not at an end-of-sequence token."""
-    n = len(ids)
-    while n > 0 and special_mask[n - 1]:
-        n -= 1
-    return ids[:n] if n > 0 else ids
+# Per tokenizer, the tokens it appends to every text (see appended_tail).
+_TAILS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def appended_tail(tokenizer) -> tuple[int, ...]:
+    """The special tokens ``tokenizer`` appends to every text: an EOS for tokenizers made
+    with ``add_eos_token=True``, none for most causal-LM tokenizers. Found once per
+    tokenizer on a probe: what follows the text's own tokens when it is encoded with its
+    special tokens (what precedes them, a BOS, stays)."""
+    try:
+        return _TAILS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    probe = "The cat sat"
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    tail: tuple[int, ...] = ()
+    if bare:
+        for i in range(len(full) - len(bare) + 1):
+            if full[i : i + len(bare)] == bare:
+                tail = tuple(full[i + len(bare) :])
+                break
+    try:
+        _TAILS[tokenizer] = tail
+    except TypeError:  # not weakly referenceable: probed again next time
+        pass
+    return tail
+
+
+def _strip_tail(ids: list[int], tail: tuple[int, ...]) -> list[int]:
+    """``ids`` without ``tail`` at its end (a prompt must end at its text, where the target
+    follows, not at an end-of-sequence token)."""
+    if tail and len(ids) > len(tail) and tuple(ids[-len(tail) :]) == tail:
+        return ids[: -len(tail)]
+    return ids
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt: ``tokenizer(text)`` with the special tokens it adds in front
     (a BOS) and without those it appends (an EOS)."""
-    enc = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
-    return _strip_trailing_specials(list(enc["input_ids"]), enc["special_tokens_mask"])
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return _strip_tail(ids, appended_tail(tokenizer))
 
 
 def with_leading_space(target: str) -> str:

@@ -118,11 +118,34 @@ def _check_finite(X: torch.Tensor, op: str, name: str) -> None:
         raise ValueError(f"{op}: {name} contains NaN or Inf")
 
 
+# Rows per block of the checks below (bounded temporaries).
+_CHECK_ROWS = 1024
+
+
+def _lower_blocks(L: torch.Tensor):
+    """``L``'s lower triangle in row blocks: the part left of each diagonal block (a view)
+    and the diagonal block's lower triangle (a small copy)."""
+    n = L.shape[0]
+    for i in range(0, n, _CHECK_ROWS):
+        rows = L[i : i + _CHECK_ROWS]
+        if i:
+            yield rows[:, :i]
+        yield rows[:, i : i + _CHECK_ROWS].tril()
+
+
+def _lower_finite(L: torch.Tensor) -> bool:
+    """Whether every entry on or below ``L``'s diagonal is finite: summed (a NaN or Inf
+    makes the sum so), rechecked entry by entry only if the sum is not finite (it may
+    overflow for huge finite entries), as the extension does."""
+    total = sum(float(part.sum()) for part in _lower_blocks(L))
+    return math.isfinite(total) or all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L))
+
+
 def _check_factor_values(L: torch.Tensor, op: str, name: str) -> None:
     """``L``'s lower triangle finite and its diagonal positive (the extension's check)."""
     if L.shape[0] == 0:
         return
-    if not bool(torch.isfinite(L.tril()).all()):
+    if not _lower_finite(L):
         raise ValueError(
             f"{op}: {name} contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)"
         )
@@ -138,7 +161,10 @@ def _check_symmetric(A: torch.Tensor, op: str) -> None:
     """``A`` symmetric to ``1e-4`` of its largest diagonal entry (the extension's check)."""
     if A.shape[0] == 0:
         return
-    asym = float((A - A.T).abs().max())
+    asym = max(
+        float((A[i : i + _CHECK_ROWS] - A[:, i : i + _CHECK_ROWS].T).abs().max())
+        for i in range(0, A.shape[0], _CHECK_ROWS)
+    )
     scale = float(A.diagonal().abs().max())
     if not asym <= 1e-4 * scale:
         raise ValueError(

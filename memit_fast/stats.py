@@ -142,12 +142,32 @@ def corpus_id(source, given: str | None = None) -> str | None:
 # ----------------------------------------------------------------------------- model identity
 
 
-def bits_sum(t: torch.Tensor) -> int:
-    """The sum of ``t``'s raw bit patterns as int64 (wrapping): exact and independent of the
-    reduction order, so the same bits give the same value on any device; one read of ``t``."""
+# Elements per chunk of bit_sums (bounds its int64 temporaries to 32 MB).
+_SUM_CHUNK = 1 << 22
+
+
+def bit_sums(t: torch.Tensor, *, weighted: bool = False) -> torch.Tensor:
+    """Exact checksums of ``t``'s bits, int64 on ``t``'s device: the sum of the raw bit
+    patterns, and with ``weighted`` also their sum weighted by position (modulo a prime),
+    which sees elements trade places. Integer sums (wrapping) are exact and independent of
+    the reduction order, so the same bits give the same values on any device. One read of
+    ``t`` in chunks, without a copy of it."""
     flat = t.detach().reshape(-1)
     bits = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
-    return int(flat.view(bits).sum(dtype=torch.int64))
+    raw = flat.view(bits)
+    out = torch.zeros(2 if weighted else 1, dtype=torch.int64, device=t.device)
+    for a in range(0, raw.numel(), _SUM_CHUNK):
+        x = raw[a : a + _SUM_CHUNK].to(torch.int64)
+        out[0] += x.sum()
+        if weighted:
+            w = torch.arange(a, a + x.numel(), device=t.device) % 65521 + 1
+            out[1] += (x * w).sum()
+    return out
+
+
+def bits_sum(t: torch.Tensor) -> int:
+    """The plain checksum of :func:`bit_sums` as a Python int."""
+    return int(bit_sums(t)[0])
 
 
 def model_fingerprints(adapter: ModelAdapter, layers: Sequence[int]) -> dict[int, str]:
@@ -176,17 +196,18 @@ def model_fingerprints(adapter: ModelAdapter, layers: Sequence[int]) -> dict[int
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Identity of a tokenizer for the statistics cache: its vocabulary, special tokens and
-    how it encodes a probe text (a BOS it adds, say)."""
+    """Identity of a tokenizer for the statistics cache: what decides the token ids of a
+    text, its vocabulary and how it encodes a probe text (a BOS it adds, say). Not its
+    class (a fast and a slow tokenizer of one vocabulary give the same statistics) nor its
+    pad token (padding is masked out)."""
     probe = "The quick brown fox, 1879: naïve café!\n  Ünïcode — ok."
+    try:
+        vocab = sorted(tokenizer.get_vocab().items())
+    except (AttributeError, NotImplementedError):
+        vocab = None
     parts = {
-        "class": type(tokenizer).__name__,
         "size": len(tokenizer),
-        "vocab": sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else None,
-        "special": {
-            k: getattr(tokenizer, k, None)
-            for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
-        },
+        "vocab": vocab,
         "probe": list(tokenizer(probe, add_special_tokens=True)["input_ids"]),
     }
     blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)

@@ -171,3 +171,14 @@ def test_every_preset_constructs_and_round_trips(name):
     for v in cfg.to_dict().values():
         if isinstance(v, float):
             assert math.isfinite(v)
+
+
+def test_lambda_zero_only_where_the_solver_ignores_it():
+    """ROME and AlphaEdit do not use lambda: configs (and edits saved) with 0 stay valid."""
+    for solver in ("rome", "alphaedit"):
+        layers = (1,) if solver == "rome" else (1, 2)
+        cfg = EditConfig(layers=layers, solver=solver, mom2_update_weight=0.0)
+        assert EditConfig.from_json(cfg.to_json()) == cfg
+    for solver in ("memit", "emmet"):
+        with pytest.raises(ValueError, match="must be > 0 for solver"):
+            EditConfig(layers=(1, 2), solver=solver, mom2_update_weight=0.0)

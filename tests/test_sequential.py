@@ -239,3 +239,53 @@ def test_remember_refuses_twice_reverted_and_foreign_edits_and_forget_undoes_it(
 
     with pytest.raises(ValueError, match="does not fit this model"):
         ed2.remember(Wide())
+
+
+def test_a_reloaded_edit_is_the_same_edit_and_dropped_results_still_protect(tmp_path):
+    """The README's `editor.remember(load_edit(dir))` drops the loaded object at once: the
+    keys are still recognized (remembering a reload again is refused, forgetting a reload
+    works), and keys of dropped results still enter the next solve."""
+    from types import SimpleNamespace
+
+    from memit_fast import load_edit
+
+    model = make_gpt2()
+    make_editor(model).apply(REQUESTS[:2]).save(tmp_path / "e")
+    ed = make_editor(model)
+    ed.remember(load_edit(tmp_path / "e"))
+    with pytest.raises(ValueError, match="remembered already"):
+        ed.remember(load_edit(tmp_path / "e"))
+    ed.forget(load_edit(tmp_path / "e"))
+    assert ed._written == []
+    # An edit-like object that cannot be referenced weakly is held as it is.
+    plain = SimpleNamespace(layers=(1,), keys={1: torch.randn(256, 2)})
+    ed.remember(plain)
+    ed.forget(plain)
+
+    kept_model, dropped_model = make_gpt2(), make_gpt2()
+    kept, dropped = make_editor(kept_model), make_editor(dropped_model)
+    alive = [kept.apply(REQUESTS[i : i + 2]) for i in (0, 2)]
+    for i in (0, 2):
+        dropped.apply(REQUESTS[i : i + 2])  # dropped at once
+    a = kept.apply(REQUESTS[4:])
+    b = dropped.apply(REQUESTS[4:])
+    for l in a.layers:
+        assert torch.equal(a.delta(l), b.delta(l))
+    assert len(alive) == 2
+
+
+def test_forced_revert_under_a_partly_overlapping_later_edit():
+    """A on layers (1, 2), then B on (2, 3): forcing A's revert restores 1 and 2; B keeps
+    its layer 3 (its keys and its own revert), and reverting it then restores everything."""
+    model = make_gpt2()
+    snap = snapshot(model)
+    ed = make_editor(model)
+    a = ed.apply(REQUESTS[:2])
+    ed.config = ed.config.replace(layers=(2, 3))
+    b = ed.apply(REQUESTS[2:4])
+    a.revert(force=True)
+    assert not b.reverted
+    assert [sorted(ks) for _, ks in ed._written] == [[3]]
+    b.revert()
+    assert_bit_identical(model, snap)
+    assert ed._written == []
