@@ -169,6 +169,15 @@ def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen
     )
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, bool]:
+    """``proc``'s output and whether it ended within ``timeout`` seconds (else killed)."""
+    try:
+        return proc.communicate(timeout=timeout)[0], True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0], False
+
+
 def describe(rc: int, out: str) -> str:
     last = [ln for ln in out.strip().splitlines() if ln.strip()][-3:]
     state = "ok" if rc == 0 else (f"CRASH (signal {-rc})" if rc < 0 else f"exit {rc}")
@@ -203,11 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     built_cmd = [sys.executable, "-c", PROBE_BUILT]
     proc = start(built_cmd, env)
-    try:
-        out, _ = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
+    out, ended = finish(proc, args.timeout)
+    if not ended:
         print(f"built _C: no answer in {args.timeout} s (hung?)\n{out[-2000:]}")
         return 1
     print(f"built _C: {describe(proc.returncode, out)}")
@@ -256,11 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-c", PROBE_TINY, lib, src, build, cflags, ldflags], venv
         )
     for name, p in procs.items():
-        try:
-            out, _ = p.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
+        out, ended = finish(p, args.timeout)
+        if not ended:
             print(f"{name}: timed out | {out.strip()[-200:]}")
             continue
         print(f"{name}: {describe(p.returncode, out)}")
