@@ -85,20 +85,43 @@ bool lower_finite(const at::Tensor& L, bool exact) {
   return exact ? acc.item<bool>() : (std::isfinite(acc.item<double>()) || lower_finite(L, true));
 }
 
+void check_factor_diagonal(const at::Tensor& L, const char* op, const char* name) {
+  if (L.size(0) == 0) {
+    return;
+  }
+  const double dmin = L.diagonal().min().item<double>();  // NaN if any entry is NaN
+  const double dmax = L.diagonal().max().item<double>();
+  TORCH_CHECK_VALUE(
+      dmin > 0 && std::isfinite(dmax), op, ": ", name, " must be a Cholesky factor with a ",
+      "positive diagonal, but its diagonal spans ", dmin, " to ", dmax);
+}
+
 // A factor's lower triangle finite and its diagonal positive; what lies above the
 // diagonal is never read, so it is not checked.
 void check_factor_values(const at::Tensor& L, const char* op, const char* name) {
   if (L.size(0) == 0) {
     return;
   }
-  const bool finite = lower_finite(L, /*exact=*/false);
-  const double dmin = L.diagonal().min().item<double>();
   TORCH_CHECK_VALUE(
-      finite, op, ": ", name,
+      lower_finite(L, /*exact=*/false), op, ": ", name,
       " contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)");
+  check_factor_diagonal(L, op, name);
+}
+
+// A triangular solve's result is finite, or the error says why: L's lower triangle holds a
+// NaN or Inf (it reaches the solution: every entry multiplies a solved value), or the
+// values overflowed. Checking the solution (n x m) instead of L (n x n) saves a read of the
+// factor per solve; L is read only when the solution is not finite.
+void check_solution(const at::Tensor& X, const at::Tensor& L, const char* op) {
+  if (X.numel() == 0 || at::isfinite(X).all().item<bool>()) {
+    return;
+  }
   TORCH_CHECK_VALUE(
-      dmin > 0, op, ": ", name, " must be a Cholesky factor with a positive diagonal, but its ",
-      "smallest diagonal entry is ", dmin);
+      lower_finite(L, /*exact=*/true), op,
+      ": L contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)");
+  TORCH_CHECK_VALUE(
+      false, op, ": the solution overflowed ", X.scalar_type(), " (B is too large for L's ",
+      "dtype, or L is nearly singular)");
 }
 
 // Largest |A_ij - A_ji| on the CPU, NaN if an off-diagonal entry is not finite: each pair
@@ -792,7 +815,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
   constexpr const char* op = "memit_fast.cholesky_solve";
   check_square(L, op, "L");
   check_factor_dtype(L, op, "L");
-  check_factor_values(L, op, "L");
+  check_factor_diagonal(L, op, "L");
   const int64_t n = L.size(0);
   TORCH_CHECK_VALUE(B.defined(), op, ": B is an undefined tensor");
   TORCH_CHECK_VALUE(
@@ -830,7 +853,9 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
     if (B2.numel() == 0) {
       return {finish(B2.to(dtype, /*non_blocking=*/false, /*copy=*/true)), at::empty({0}, at::kDouble)};
     }
-    return {finish(factor_solve(B2.to(dtype), L)), at::empty({0}, at::kDouble)};
+    at::Tensor X = factor_solve(B2.to(dtype), L);
+    check_solution(X, L, op);
+    return {finish(X), at::empty({0}, at::kDouble)};
   }
   if (B2.numel() == 0) {  // nothing to solve: exactly solved, in no steps
     return {
@@ -850,7 +875,9 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve(
   // What counts as converged: the rate test gives up only where that is out of reach (the
   // steps may still go on towards `stop`).
   const double target = tol > 0 ? tol : backward_error_tol(n);
-  at::Tensor X = factor_solve(B2.to(dtype), L).to(at::kDouble);
+  at::Tensor X = factor_solve(B2.to(dtype), L);
+  check_solution(X, L, op);
+  X = X.to(at::kDouble);
   at::Tensor D;
   std::vector<double> history;
   for (int64_t step = 0;; ++step) {

@@ -141,6 +141,17 @@ def _lower_finite(L: torch.Tensor) -> bool:
     return math.isfinite(total) or all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L))
 
 
+def _check_factor_diagonal(L: torch.Tensor, op: str, name: str) -> None:
+    if L.shape[0] == 0:
+        return
+    dmin, dmax = float(L.diagonal().min()), float(L.diagonal().max())
+    if not (dmin > 0 and math.isfinite(dmax)):
+        raise ValueError(
+            f"{op}: {name} must be a Cholesky factor with a positive diagonal, but its diagonal "
+            f"spans {dmin} to {dmax}"
+        )
+
+
 def _check_factor_values(L: torch.Tensor, op: str, name: str) -> None:
     """``L``'s lower triangle finite and its diagonal positive (the extension's check)."""
     if L.shape[0] == 0:
@@ -149,12 +160,22 @@ def _check_factor_values(L: torch.Tensor, op: str, name: str) -> None:
         raise ValueError(
             f"{op}: {name} contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)"
         )
-    dmin = float(L.diagonal().min())
-    if not dmin > 0:
+    _check_factor_diagonal(L, op, name)
+
+
+def _check_solution(X: torch.Tensor, L: torch.Tensor, op: str) -> None:
+    """A solve's result finite, or why not (the extension's check): L's lower triangle is
+    read only when it is not."""
+    if X.numel() == 0 or bool(torch.isfinite(X).all()):
+        return
+    if not all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L)):
         raise ValueError(
-            f"{op}: {name} must be a Cholesky factor with a positive diagonal, but its smallest "
-            f"diagonal entry is {dmin}"
+            f"{op}: L contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)"
         )
+    raise ValueError(
+        f"{op}: the solution overflowed {X.dtype} (B is too large for L's dtype, or L is "
+        "nearly singular)"
+    )
 
 
 def _check_symmetric(A: torch.Tensor, op: str) -> None:
@@ -253,7 +274,9 @@ def _refine(
     target = tol if tol > 0 else backward_error_tol(L.shape[0])
     if B.numel() == 0:  # nothing to solve: exactly solved, in no steps
         return B64.clone(), torch.zeros(1, dtype=torch.float64)
-    X = torch.cholesky_solve(B.to(L.dtype), L).to(torch.float64)
+    X = torch.cholesky_solve(B.to(L.dtype), L)
+    _check_solution(X, L, "torch_cholesky_solve")
+    X = X.to(torch.float64)
     D = torch.zeros_like(X)
     history: list[float] = []
     step = 0
@@ -305,7 +328,7 @@ def torch_cholesky_solve(
     """
     op = "torch_cholesky_solve"
     _check_square(L, op, "L")
-    _check_factor_values(L, op, "L")
+    _check_factor_diagonal(L, op, "L")
     n = L.shape[0]
     _check_rows(B, n, op, "B", (1, 2))
     _check_finite(B, op, "B")
@@ -324,6 +347,7 @@ def torch_cholesky_solve(
     B2 = B.unsqueeze(1) if B.dim() == 1 else B
     if A is None:
         X = torch.cholesky_solve(B2.to(L.dtype), L) if B2.numel() else B2.to(L.dtype).clone()
+        _check_solution(X, L, op)
         history = torch.empty(0, dtype=torch.float64)
     else:
         X, history = _refine(L, B2, A, K, refine_steps, tol)

@@ -393,6 +393,15 @@ def test_update_and_solve_check_the_factor(use_ext, method, bad):
 
 
 @pytest.mark.parametrize("use_ext", PATHS)
+def test_a_solve_that_overflows_says_so(use_ext):
+    """The solve checks its solution, not the whole factor: a finite factor whose solution
+    overflows is reported as that, not as a bad factor."""
+    L = torch.eye(4, dtype=torch.float64) * 1e-200
+    with pytest.raises(ValueError, match="overflowed"):
+        la.cholesky_solve(L, torch.full((4, 1), 1e200, dtype=torch.float64), use_ext=use_ext)
+
+
+@pytest.mark.parametrize("use_ext", PATHS)
 def test_factor_check_accepts_huge_finite_entries(use_ext):
     """Entries whose sum overflows float64 are still finite: the check must not refuse them
     (the extension sums the triangle first and rechecks a non-finite sum entry by entry)."""
