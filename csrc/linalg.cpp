@@ -89,8 +89,9 @@ void check_factor_diagonal(const at::Tensor& L, const char* op, const char* name
   if (L.size(0) == 0) {
     return;
   }
-  const double dmin = L.diagonal().min().item<double>();  // NaN if any entry is NaN
-  const double dmax = L.diagonal().max().item<double>();
+  const auto [lo, hi] = at::aminmax(L.diagonal());  // NaN if any entry is NaN
+  const at::Tensor both = at::stack({lo, hi}).to(at::kDouble).cpu();  // one sync
+  const double dmin = both[0].item<double>(), dmax = both[1].item<double>();
   TORCH_CHECK_VALUE(
       dmin > 0 && std::isfinite(dmax), op, ": ", name, " must be a Cholesky factor with a ",
       "positive diagonal, but its diagonal spans ", dmin, " to ", dmax);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -171,12 +172,13 @@ class EditResult:
                     "(another edit or Editor, or training): reverting would undo that change "
                     "too; revert it first, or pass force=True"
                 )
+        restored = set(self._originals)
         with torch.no_grad():
             for l, w0 in self._originals.items():
                 self._adapter.weight(l).copy_(w0)
         self.reverted = True
         if self._editor is not None:
-            self._editor._forget(self, undone_later=force)
+            self._editor._forget(self, restored, undone_later=force)
 
     def save(
         self, path: str | os.PathLike, *, include_originals: bool = True, overwrite: bool = False
@@ -256,7 +258,7 @@ class Editor:
         # Keys written by earlier applies that are still in force: [(result, {layer: K})].
         # Held weakly: a dropped result's keys still protect its edit (it is still applied),
         # but its copy of the original weights is freed.
-        self._written: list[tuple[weakref.ref, dict[int, torch.Tensor]]] = []
+        self._written: list[_Written] = []
         # Applied results in order, held weakly: a result the user dropped cannot be reverted
         # and so cannot block the revert of an earlier one.
         self._history: list[weakref.ref[EditResult]] = []
@@ -318,7 +320,7 @@ class Editor:
                     f"layer {layer}: {e}; use a larger mom2_update_weight (lambda) or more "
                     "statistics samples"
                 ) from e
-            old = [ks[layer] for _, ks in self._written if layer in ks]
+            old = [w.keys[layer] for w in self._written if layer in w.keys]
             if old:
                 s.commit(torch.cat(old, dim=1))
             self._solvers[layer] = s
@@ -342,7 +344,7 @@ class Editor:
                         self._nullspace[l].shape[1],
                         C.shape[0],
                     )
-                old = [ks[l] for _, ks in self._written if l in ks]
+                old = [w.keys[l] for w in self._written if l in w.keys]
                 K_old = torch.cat(old, dim=1) if old else None
                 U = solvers.alphaedit_solve(self._nullspace[l], Kc, K_old, c.alphaedit_lambda)
             elif c.solver == "rome":
@@ -357,12 +359,15 @@ class Editor:
             raise EditFailedError(f"layer {l}: {e}") from e
         return R, U
 
-    def _check_revertible(self, result: EditResult) -> None:
+    def _later_results(self, result: EditResult) -> list[EditResult]:
+        """This Editor's results applied after ``result`` that are still held."""
         alive = [r for r in (ref() for ref in self._history) if r is not None]
         idx = next((i for i, r in enumerate(alive) if r is result), None)
-        later = alive[idx + 1 :] if idx is not None else []
-        for r in later:
-            if not r.reverted and set(r.layers) & set(result.layers):
+        return alive[idx + 1 :] if idx is not None else []
+
+    def _check_revertible(self, result: EditResult) -> None:
+        for r in self._later_results(result):
+            if not r.reverted and set(r._originals) & set(result._originals):
                 raise RuntimeError(
                     "a later edit on the same layers is still applied: revert the edits in "
                     "reverse order"
@@ -405,7 +410,12 @@ class Editor:
         if callable(check):  # a LoadedEdit: the model it was made for (structure only)
             check(self.model, weights=None)
         self._written.append(
-            (_holder(edit), {l: k.detach().float().cpu() for l, k in keys.items()})
+            _Written(
+                _holder(edit),
+                {l: k.detach().float().cpu() for l, k in keys.items()},
+                own=False,
+                identity=_saved_identity(edit),
+            )
         )
         self._solvers.clear()  # rebuilt from lambda C and every remembered key
         cfg = getattr(edit, "config", None)
@@ -430,48 +440,43 @@ class Editor:
 
     def _find_written(self, edit) -> int | None:
         """The position of ``edit`` among the written and remembered edits: the same object,
-        or an edit with the same keys (the same saved edit loaded twice)."""
-        for i, (ref, _) in enumerate(self._written):
-            if ref() is edit:
-                return i
-        keys = dict(getattr(edit, "keys", None) or {})
-        for i, (_, ks) in enumerate(self._written):
-            if set(ks) == set(keys) and all(
-                torch.equal(ks[l], keys[l].detach().float().cpu()) for l in ks
-            ):
+        or the same saved edit loaded again (the SHA-256 of its stored tensors; two edits
+        with equal keys, a subject edited twice, are different edits)."""
+        identity = _saved_identity(edit)
+        for i, w in enumerate(self._written):
+            if w.holder() is edit or (identity is not None and w.identity == identity):
                 return i
         return None
 
-    def _forget(self, result, undone_later: bool = False) -> None:
-        """Called by ``result.revert()``: its keys no longer protect anything. With
-        ``undone_later`` (a forced revert), the edits written after it on its layers were
-        undone too: they are forgotten, and this Editor's results among them marked
-        reverted where every layer they wrote was restored."""
-        pos = next((i for i, (ref, _) in enumerate(self._written) if ref() is result), None)
-        kept = list(self._written)
+    def _forget(self, result, restored: set[int] | None = None, undone_later: bool = False):
+        """Called by ``result.revert()`` (which restored the layers ``restored``): its keys
+        no longer protect anything. With ``undone_later`` (a forced revert), this Editor's
+        later edits were undone on those layers too: their keys there are dropped, and their
+        own revert leaves those layers alone (a result left with none counts as reverted).
+        Remembered edits keep their keys: when they were applied is not known here."""
+        restored = set(result._originals) if restored is None else set(restored)
+        pos = next((i for i, w in enumerate(self._written) if w.holder() is result), None)
+        if undone_later:
+            for r in self._later_results(result):
+                hit = sorted(set(r._originals) & restored)
+                if r.reverted or not hit:
+                    continue
+                log.warning("revert(force=True): a later edit on layers %s is undone too", hit)
+                for l in hit:
+                    r._originals.pop(l, None)
+                    r._fingerprints.pop(l, None)
+                if not r._originals:
+                    r.reverted = True
+            if pos is not None:
+                for w in self._written[pos + 1 :]:
+                    if w.own:  # (also the results the caller dropped)
+                        w.keys = {l: k for l, k in w.keys.items() if l not in restored}
         if pos is not None:
-            undone = set(result.layers)
-            if undone_later:
-                # The later edits lose the restored layers: their keys there protect
-                # nothing, and their own revert must not write those layers again.
-                for i in range(pos + 1, len(kept)):
-                    ref, ks = kept[i]
-                    hit = sorted(set(ks) & undone)
-                    if not hit:
-                        continue
-                    log.warning("revert(force=True): a later edit on layers %s is undone too", hit)
-                    kept[i] = (ref, {l: k for l, k in ks.items() if l not in undone})
-                    later = ref()
-                    if isinstance(later, EditResult):
-                        for l in hit:
-                            later._originals.pop(l, None)
-                            later._fingerprints.pop(l, None)
-                        if not later._originals:
-                            later.reverted = True
-            kept.pop(pos)
-            kept = [(ref, ks) for ref, ks in kept if ks]
+            self._written.pop(pos)
+        before = len(self._written)
+        self._written = [w for w in self._written if w.keys]
+        if pos is not None or len(self._written) != before or undone_later:
             self._solvers.clear()  # rebuilt from lambda C and the remaining keys
-        self._written = kept
         self._history = [ref for ref in self._history if ref() is not None and ref() is not result]
 
     # ------------------------------------------------------------------ inputs
@@ -760,9 +765,28 @@ class Editor:
                     ad.weight(l).copy_(w0)
             raise
         if self.remember_keys:
-            self._written.append((_holder(result), written_keys))
+            self._written.append(_Written(_holder(result), written_keys, own=True, identity=None))
         self._history.append(weakref.ref(result))
         return result
+
+
+@dataclass
+class _Written:
+    """An edit whose keys later applies protect (``Editor._written``, in the order written
+    or remembered)."""
+
+    holder: Any  # () -> the edit, or None once a weakly held result was dropped
+    keys: dict[int, torch.Tensor]
+    own: bool  # written by this Editor's apply (so in apply order), not remembered
+    identity: str | None  # a saved edit's identity (_saved_identity)
+
+
+def _saved_identity(edit) -> str | None:
+    """A saved edit's identity: the SHA-256 of its stored tensors (``edit.json``'s
+    ``tensor_sha256``), the same for every load of it."""
+    meta = getattr(edit, "metadata", None)
+    shas = meta.get("tensor_sha256") if isinstance(meta, dict) else None
+    return json.dumps(shas, sort_keys=True) if shas else None
 
 
 def _holder(edit):

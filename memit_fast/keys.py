@@ -84,21 +84,29 @@ def appended_tail(tokenizer) -> tuple[int, ...]:
     with ``add_eos_token=True``, none for most causal-LM tokenizers. Found once per
     tokenizer on a probe: what follows the text's own tokens when it is encoded with its
     special tokens (what precedes them, a BOS, stays)."""
+    # The switches that change what a tokenizer appends (Llama's add_eos_token rebuilds its
+    # post-processor): a cached answer holds only while they do.
+    state = (getattr(tokenizer, "add_eos_token", None), getattr(tokenizer, "add_bos_token", None))
     try:
-        return _TAILS[tokenizer]
+        cached_state, tail = _TAILS[tokenizer]
+        if cached_state == state:
+            return tail
     except (KeyError, TypeError):
         pass
     probe = "The cat sat"
     full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
     bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    tail: tuple[int, ...] = ()
+    tail = None
     if bare:
         for i in range(len(full) - len(bare) + 1):
             if full[i : i + len(bare)] == bare:
                 tail = tuple(full[i + len(bare) :])
                 break
+    if tail is None:  # the text's tokens differ with specials: at least an EOS goes
+        eos = getattr(tokenizer, "eos_token_id", None)
+        tail = (eos,) if eos is not None and full and full[-1] == eos else ()
     try:
-        _TAILS[tokenizer] = tail
+        _TAILS[tokenizer] = (state, tail)
     except TypeError:  # not weakly referenceable: probed again next time
         pass
     return tail

@@ -137,14 +137,14 @@ def _lower_finite(L: torch.Tensor) -> bool:
     """Whether every entry on or below ``L``'s diagonal is finite: summed (a NaN or Inf
     makes the sum so), rechecked entry by entry only if the sum is not finite (it may
     overflow for huge finite entries), as the extension does."""
-    total = sum(float(part.sum()) for part in _lower_blocks(L))
+    total = float(sum(part.sum(dtype=torch.float64) for part in _lower_blocks(L)))
     return math.isfinite(total) or all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L))
 
 
 def _check_factor_diagonal(L: torch.Tensor, op: str, name: str) -> None:
     if L.shape[0] == 0:
         return
-    dmin, dmax = float(L.diagonal().min()), float(L.diagonal().max())
+    dmin, dmax = torch.stack(torch.aminmax(L.diagonal())).double().tolist()  # one sync
     if not (dmin > 0 and math.isfinite(dmax)):
         raise ValueError(
             f"{op}: {name} must be a Cholesky factor with a positive diagonal, but its diagonal "

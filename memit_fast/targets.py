@@ -336,9 +336,17 @@ def _frozen_prefix_cache(model, adapter: ModelAdapter, batch: _Batch):
         pos1 = torch.arange(ids1.shape[1], device=dev).expand_as(ids1)
         if not _run_into_cache(model, adapter, ids1, mask1, pos1, cache):
             return None
-        # On the CPU: each layer's cache indexes with it, and layers may sit on other
-        # devices than the input (a CPU index serves tensors on any device).
-        src_t = torch.tensor(src, dtype=torch.long)
+        # Every layer of the cache indexes with it: on their device where they share one
+        # (a CPU index would cost a copy and a sync per layer), else on the CPU, which
+        # serves tensors on any device (a model split over devices).
+        devices = {
+            k.device
+            for k in (getattr(lay, "keys", None) for lay in getattr(cache, "layers", ()))
+            if isinstance(k, torch.Tensor)
+        }
+        src_t = torch.tensor(
+            src, dtype=torch.long, device=devices.pop() if len(devices) == 1 else "cpu"
+        )
         if hasattr(cache, "batch_select_indices"):
             cache.batch_select_indices(src_t)
         else:  # pragma: no cover

@@ -68,7 +68,7 @@ def test_revert_order_and_forgetting():
     # After forgetting, a new batch is solved against lambda C alone again.
     C = ed._stats[1].mom2.double()
     r3 = ed.apply(REQUESTS[:4])
-    K = ed._written[0][1][1].double()
+    K = ed._written[0].keys[1].double()
     U = torch.linalg.solve(ed.config.mom2_update_weight * C + K @ K.T, K)
     torch.testing.assert_close(r3.factors[1][1].double(), U, rtol=1e-5, atol=1e-8)
 
@@ -285,7 +285,59 @@ def test_forced_revert_under_a_partly_overlapping_later_edit():
     b = ed.apply(REQUESTS[2:4])
     a.revert(force=True)
     assert not b.reverted
-    assert [sorted(ks) for _, ks in ed._written] == [[3]]
+    assert [sorted(w.keys) for w in ed._written] == [[3]]
     b.revert()
     assert_bit_identical(model, snap)
     assert ed._written == []
+
+
+def test_forced_revert_without_remembered_keys_undoes_the_later_results_too():
+    model = make_gpt2()
+    snap = snapshot(model)
+    ed = make_editor(model, remember=False)
+    a = ed.apply(REQUESTS[:2])
+    b = ed.apply(REQUESTS[2:4])
+    a.revert(force=True)
+    assert_bit_identical(model, snap)
+    assert b.reverted  # its revert would otherwise write a's edit back
+
+
+def test_forced_reverts_track_the_layers_each_result_still_holds():
+    """A on layer 2, B on 1 and 2: forcing A's revert leaves B only layer 1. C then edits
+    layer 2: B's revert touches layer 1 alone and leaves C applied and remembered."""
+    model = make_gpt2()
+    snap = snapshot(model)
+    ed = make_editor(model)
+    ed.config = ed.config.replace(layers=(2,))
+    a = ed.apply(REQUESTS[:2])
+    ed.config = ed.config.replace(layers=(1, 2))
+    b = ed.apply(REQUESTS[2:4])
+    a.revert(force=True)
+    assert set(b._originals) == {1} and not b.reverted
+    ed.config = ed.config.replace(layers=(2,))
+    c = ed.apply(REQUESTS[4:6])
+    b.revert()  # no later result holds layer 1
+    assert not c.reverted and [sorted(w.keys) for w in ed._written] == [[2]]
+    c.revert()
+    assert_bit_identical(model, snap)
+
+
+def test_two_saved_edits_with_equal_keys_are_two_edits(tmp_path):
+    """The same subject edited twice (to two targets) gives equal keys at a layer; resumed
+    elsewhere, both edits are remembered, as the session that made them protected both."""
+    from memit_fast import load_edit
+
+    model = make_gpt2()
+    ed = make_editor(model)
+    ed.config = ed.config.replace(layers=(1,))
+    first = {"prompt": "The capital of {} is", "subject": "France", "target": "Rome"}
+    ed.apply([first]).save(tmp_path / "e1")
+    ed.apply([dict(first, target="Paris")]).save(tmp_path / "e2")
+    e1, e2 = load_edit(tmp_path / "e1"), load_edit(tmp_path / "e2")
+    assert torch.equal(e1.keys[1], e2.keys[1])
+    other = make_editor(make_gpt2())
+    other.remember(e1)
+    other.remember(e2)
+    assert len(other._written) == 2
+    with pytest.raises(ValueError, match="remembered already"):
+        other.remember(load_edit(tmp_path / "e2"))

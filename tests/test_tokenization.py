@@ -19,7 +19,7 @@ class WordTokenizer(PreTrainedTokenizer):
         for w in "The the capital of France is Paris Rome a b c cat sat".split():
             self.vocab.setdefault(w, len(self.vocab))
         self.inv = {i: w for w, i in self.vocab.items()}
-        self.eos = eos
+        self.add_eos_token = eos
         super().__init__(bos_token="<s>", eos_token="</s>", unk_token="<unk>", **kw)
 
     @property
@@ -39,7 +39,7 @@ class WordTokenizer(PreTrainedTokenizer):
         return self.inv[i]
 
     def build_inputs_with_special_tokens(self, a, b=None):
-        return [0] + a + ([] if b is None else b) + ([1] if self.eos else [])
+        return [0] + a + ([] if b is None else b) + ([1] if self.add_eos_token else [])
 
 
 @pytest.mark.parametrize("eos", [False, True])
@@ -59,3 +59,11 @@ def test_an_unknown_subject_token_is_still_the_subject():
     e = encode_with_subject(tok, "", "The capital of {} is", "Zanzibar")
     assert tok.convert_ids_to_tokens([e.ids[e.subject_last]]) == ["<unk>"]
     assert e.subject_last == 4
+
+
+def test_switching_add_eos_token_is_seen():
+    """The answer is cached per tokenizer, but not across a change of ``add_eos_token``."""
+    tok = WordTokenizer(eos=False)
+    assert appended_tail(tok) == ()
+    tok.add_eos_token = True
+    assert encode_prompt(tok, "The capital of France is") == [0, 3, 5, 6, 7, 8]
