@@ -143,10 +143,11 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"default: {DEFAULT_CACHE}")
     p.add_argument("--stats-samples", type=int, default=400, help="corpus texts for key statistics")
     p.add_argument("--model", help="a local model directory instead of SmolLM2")
+    p.add_argument("--gguf-file", help="a GGUF file inside --model to load (dequantized)")
     p.add_argument("--config", help="EditConfig as JSON (default: automatic for the model)")
     p.add_argument("--corpus", help="text file for key statistics (default: shipped WikiText-2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_demo_cli, gguf_file=None, dtype="float32", device=None)
+    p.set_defaults(func=run_demo_cli, dtype="float32", device=None)
 
 
 def run_demo_cli(args: argparse.Namespace) -> int:
@@ -157,6 +158,10 @@ def run_demo_cli(args: argparse.Namespace) -> int:
         raise BadInput(f"--stats-samples must be at least 1, got {args.stats_samples}")
     check_corpus(args.corpus)
     cfg = read_config_file(args.config) if args.config else None
+    if args.model is not None and not args.model:
+        raise BadInput("--model is empty: name a model directory, or leave it out for SmolLM2")
+    if args.gguf_file and not args.model:
+        raise BadInput("--gguf-file needs --model, the directory that holds it")
     if args.model:
         check_model_args(args)
         if cfg is not None:

@@ -11,6 +11,7 @@ import torch
 
 from memit_fast.config import EditConfig, auto_config
 from memit_fast.editor import Editor
+from memit_fast.keys import encode_prompt
 
 # Facts a small model knows, rewritten (CounterFact-style counterfactuals).
 DEMO_EDITS = [
@@ -51,7 +52,7 @@ DEMO_UNRELATED = [
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 6) -> str:
     """Greedy continuation of ``prompt``."""
     dev = model.get_input_embeddings().weight.device
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(dev)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=dev)  # no appended EOS
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
         input_ids=ids,

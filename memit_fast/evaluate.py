@@ -506,6 +506,9 @@ def _as_requests(requests) -> list[EditRequest]:
 
 # Approximates NLTK's word_tokenize (used by the MEMIT code) without its data files:
 # words (with inner apostrophes/hyphens), numbers, and each punctuation mark on its own.
+# NLTK splits "'s" and "n't" off, keeps "3.5", "U.S." and "1,063" whole and tells opening
+# from closing quotes; on SmolLM2 samples the entropy differed by 0.01 bits on average and
+# by up to 0.5 bits on one text, so compare fluency figures computed the same way.
 _WORD = re.compile(r"\w+(?:[-']\w+)*|[^\w\s]")
 
 
@@ -556,16 +559,24 @@ def generate(
     code counts), greedily or, with ``top_k``, by top-k sampling. Returns the full texts.
 
     Prompts of equal token length are batched together, so no padding is involved; the KV
-    cache is used. Sampling draws on the CPU from a generator seeded with ``seed``, so it is
-    reproducible on any device (up to the model's own float rounding).
+    cache is used. Sampling draws on the CPU, for prompt ``i`` from a generator seeded with
+    ``seed + i``: reproducible on any device (up to the model's own float rounding) and
+    independent of how the prompts are batched.
     """
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"generate: batch_size must be an int >= 1, got {batch_size!r}")
     encs = [encode_prompt(tokenizer, p) for p in prompts]
+    empty = [i for i, e in enumerate(encs) if not e]
+    if empty:
+        raise ValueError(f"generate: prompts {empty[:5]} have no tokens to continue")
     groups: dict[int, list[int]] = {}
     for i, e in enumerate(encs):
         groups.setdefault(len(e), []).append(i)
     device = model_input_device(model)
     cache_arg = _cache_argument(model)
-    gen = torch.Generator().manual_seed(seed)
+    gens = {}  # per prompt, made when it is first sampled
     out: list[str | None] = [None] * len(prompts)
     with eval_mode(model):
         for length in sorted(groups):
@@ -583,9 +594,20 @@ def generate(
                     if top_k is None:
                         nxt = logits.argmax(dim=-1, keepdim=True)
                     else:
-                        v, ix = logits.topk(top_k, dim=-1)
+                        v, ix = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
                         probs = torch.softmax(v, dim=-1).cpu()
-                        pick = torch.multinomial(probs, 1, generator=gen)
+                        pick = torch.stack(
+                            [
+                                torch.multinomial(
+                                    probs[r],
+                                    1,
+                                    generator=gens.setdefault(
+                                        i, torch.Generator().manual_seed(seed + i)
+                                    ),
+                                )
+                                for r, i in enumerate(idx)
+                            ]
+                        )
                         nxt = ix.gather(1, pick.to(ix.device))
                     seq = torch.cat([seq, nxt.to(seq.device)], dim=1)
                     # no cache returned: feed the whole sequence again

@@ -377,3 +377,11 @@ def test_edit_out_with_a_real_gguf_file(tmp_path, capsys):
     orig_sd = original.state_dict()
     changed = {n for n, w in edited.state_dict().items() if not torch.equal(w, orig_sd[n])}
     assert changed == {"model.layers.3.mlp.down_proj.weight"}
+
+
+def test_demo_refuses_an_empty_model_and_a_gguf_file_without_one(capsys):
+    """`--model ''` is a mistake, not a request for the default model."""
+    assert main(["demo", "--model", ""]) == 2
+    assert "--model is empty" in capsys.readouterr().err
+    assert main(["demo", "--gguf-file", "m.gguf"]) == 2
+    assert "--gguf-file needs --model" in capsys.readouterr().err

@@ -345,6 +345,22 @@ def test_greedy_generation_matches_plain_loop():
         assert text == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_sampled_generation_does_not_depend_on_batching_and_checks_its_inputs():
+    """Each prompt samples from its own seeded generator: batch size and the other prompts
+    do not change its text."""
+    tok = word_tokenizer()
+    model = tiny_gpt2(len(tok), seed=6)
+    prompts = ["The capital of", "Where lives", "The capital of Spain is", "Where"]
+    one = generate(model, tok, prompts, max_length=10, top_k=5, seed=3, batch_size=1)
+    all_ = generate(model, tok, prompts, max_length=10, top_k=5, seed=3, batch_size=32)
+    assert one == all_
+    assert generate(model, tok, prompts[:2], max_length=10, top_k=5, seed=3) == one[:2]
+    for bad in (dict(top_k=0), dict(batch_size=0)):
+        with pytest.raises(ValueError, match="generate:"):
+            generate(model, tok, prompts, max_length=10, **bad)
+    assert generate(model, tok, prompts[:1], max_length=10, top_k=10**6)  # capped at the vocab
+
+
 def test_sampled_generation_is_reproducible_and_entropy_aggregates():
     tok = word_tokenizer()
     model = tiny_gpt2(len(tok), seed=5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 __all__ = ["World", "load_smollm2", "load_world", "make_world", "measure_world", "world_dir"]
 
@@ -42,6 +44,8 @@ def load_world(path: str | os.PathLike | None = None, device=None, dtype=None):
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Written last into the SmolLM2 cache: its presence says the cache is whole.
+CACHE_COMPLETE = ".complete"
 
 
 def load_smollm2(dtype=None, device=None, cache_dir: str | os.PathLike | None = None):
@@ -60,7 +64,8 @@ def load_smollm2(dtype=None, device=None, cache_dir: str | os.PathLike | None = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype if dtype is not None else torch.float32
-    if cache_dir is not None and os.path.isfile(os.path.join(cache_dir, "model.safetensors")):
+    done = cache_dir is not None and os.path.isfile(os.path.join(cache_dir, CACHE_COMPLETE))
+    if done:
         model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(cache_dir, local_files_only=True)
     else:
@@ -79,12 +84,24 @@ def load_smollm2(dtype=None, device=None, cache_dir: str | os.PathLike | None = 
             pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
         )
         if cache_dir is not None:
-            # save_pretrained fails on the GGUF-loaded model: copy into a fresh one
+            # save_pretrained fails on the GGUF-loaded model: copy into a fresh one. Written
+            # to a folder beside the cache and renamed into place with a marker file last,
+            # so an interrupted first run leaves no half-written cache behind.
             fresh = type(model)(model.config)
             fresh.load_state_dict(model.state_dict())
-            os.makedirs(cache_dir, exist_ok=True)
-            fresh.save_pretrained(cache_dir)
-            tokenizer.save_pretrained(cache_dir)
+            parent = os.path.dirname(os.path.abspath(cache_dir))
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=parent)
+            try:
+                fresh.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                open(os.path.join(tmp, CACHE_COMPLETE), "w").close()
+                if os.path.isdir(cache_dir):
+                    shutil.rmtree(cache_dir)  # an incomplete cache of an earlier run
+                os.replace(tmp, cache_dir)
+            finally:
+                if os.path.isdir(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
             model = fresh
         if dtype != torch.float32:
             model = model.to(dtype=dtype)
