@@ -85,23 +85,22 @@ def load_smollm2(dtype=None, device=None, cache_dir: str | os.PathLike | None = 
         )
         if cache_dir is not None:
             # save_pretrained fails on the GGUF-loaded model: copy into a fresh one. Written
-            # to a folder beside the cache and renamed into place with a marker file last,
-            # so an interrupted first run leaves no half-written cache behind.
+            # to a folder beside the cache, moved in file by file (nothing else in the cache
+            # folder is touched), and the marker file last: an interrupted first run leaves
+            # no cache that looks whole.
             fresh = type(model)(model.config)
             fresh.load_state_dict(model.state_dict())
+            os.makedirs(cache_dir, exist_ok=True)
             parent = os.path.dirname(os.path.abspath(cache_dir))
-            os.makedirs(parent, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=parent)
             try:
                 fresh.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-                open(os.path.join(tmp, CACHE_COMPLETE), "w").close()
-                if os.path.isdir(cache_dir):
-                    shutil.rmtree(cache_dir)  # an incomplete cache of an earlier run
-                os.replace(tmp, cache_dir)
+                for name in os.listdir(tmp):
+                    os.replace(os.path.join(tmp, name), os.path.join(cache_dir, name))
+                open(os.path.join(cache_dir, CACHE_COMPLETE), "w").close()
             finally:
-                if os.path.isdir(tmp):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
             model = fresh
         if dtype != torch.float32:
             model = model.to(dtype=dtype)
