@@ -414,7 +414,7 @@ class Editor:
                 _holder(edit),
                 {l: k.detach().float().cpu() for l, k in keys.items()},
                 own=False,
-                identity=_saved_identity(edit),
+                identity=_edit_identity(edit),
             )
         )
         self._solvers.clear()  # rebuilt from lambda C and every remembered key
@@ -440,11 +440,20 @@ class Editor:
 
     def _find_written(self, edit) -> int | None:
         """The position of ``edit`` among the written and remembered edits: the same object,
-        or the same saved edit loaded again (the SHA-256 of its stored tensors; two edits
-        with equal keys, a subject edited twice, are different edits)."""
-        identity = _saved_identity(edit)
+        or the same edit in another form (a result saved and loaded again, or loaded twice):
+        the same requests and the same keys. A subject edited twice, to two targets, has
+        equal keys but other requests: two edits."""
+        identity = _edit_identity(edit)
+        keys = dict(getattr(edit, "keys", None) or {})
         for i, w in enumerate(self._written):
-            if w.holder() is edit or (identity is not None and w.identity == identity):
+            if w.holder() is edit:
+                return i
+            if (
+                identity is not None
+                and w.identity == identity
+                and set(w.keys) == set(keys)
+                and all(torch.equal(w.keys[l], keys[l].detach().float().cpu()) for l in keys)
+            ):
                 return i
         return None
 
@@ -765,7 +774,9 @@ class Editor:
                     ad.weight(l).copy_(w0)
             raise
         if self.remember_keys:
-            self._written.append(_Written(_holder(result), written_keys, own=True, identity=None))
+            self._written.append(
+                _Written(_holder(result), written_keys, own=True, identity=_edit_identity(result))
+            )
         self._history.append(weakref.ref(result))
         return result
 
@@ -778,15 +789,20 @@ class _Written:
     holder: Any  # () -> the edit, or None once a weakly held result was dropped
     keys: dict[int, torch.Tensor]
     own: bool  # written by this Editor's apply (so in apply order), not remembered
-    identity: str | None  # a saved edit's identity (_saved_identity)
+    identity: str | None  # what the edit was asked to do (_edit_identity)
 
 
-def _saved_identity(edit) -> str | None:
-    """A saved edit's identity: the SHA-256 of its stored tensors (``edit.json``'s
-    ``tensor_sha256``), the same for every load of it."""
-    meta = getattr(edit, "metadata", None)
-    shas = meta.get("tensor_sha256") if isinstance(meta, dict) else None
-    return json.dumps(shas, sort_keys=True) if shas else None
+def _edit_identity(edit) -> str | None:
+    """What an edit was asked to do: its requests, as :meth:`EditRequest.to_dict` lists
+    them (the same for a result and for its saved copy); ``None`` for an edit-like object
+    without requests."""
+    reqs = getattr(edit, "requests", None)
+    if not reqs:
+        return None
+    try:
+        return json.dumps([r.to_dict() for r in reqs], sort_keys=True, default=str)
+    except AttributeError:
+        return None
 
 
 def _holder(edit):

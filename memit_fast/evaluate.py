@@ -563,7 +563,9 @@ def generate(
     ``seed + i``: reproducible on any device (up to the model's own float rounding) and
     independent of how the prompts are batched.
     """
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+    if top_k is not None and not (
+        isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1
+    ):
         raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"generate: batch_size must be an int >= 1, got {batch_size!r}")
@@ -596,15 +598,12 @@ def generate(
                     else:
                         v, ix = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
                         probs = torch.softmax(v, dim=-1).cpu()
+                        for i in idx:
+                            if i not in gens:
+                                gens[i] = torch.Generator().manual_seed(seed + i)
                         pick = torch.stack(
                             [
-                                torch.multinomial(
-                                    probs[r],
-                                    1,
-                                    generator=gens.setdefault(
-                                        i, torch.Generator().manual_seed(seed + i)
-                                    ),
-                                )
+                                torch.multinomial(probs[r], 1, generator=gens[i])
                                 for r, i in enumerate(idx)
                             ]
                         )

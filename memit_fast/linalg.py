@@ -134,9 +134,10 @@ def _lower_blocks(L: torch.Tensor):
 
 
 def _lower_finite(L: torch.Tensor) -> bool:
-    """Whether every entry on or below ``L``'s diagonal is finite: summed (a NaN or Inf
-    makes the sum so), rechecked entry by entry only if the sum is not finite (it may
-    overflow for huge finite entries), as the extension does."""
+    """Whether every entry on or below ``L``'s diagonal is finite: summed in float64 (a NaN
+    or Inf makes the sum so), rechecked entry by entry only if the sum is not finite (it
+    may overflow for huge finite entries). The extension sums in L's dtype, with the same
+    recheck: the same answer."""
     total = float(sum(part.sum(dtype=torch.float64) for part in _lower_blocks(L)))
     return math.isfinite(total) or all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L))
 

@@ -350,7 +350,9 @@ def test_sampled_generation_does_not_depend_on_batching_and_checks_its_inputs():
     do not change its text."""
     tok = word_tokenizer()
     model = tiny_gpt2(len(tok), seed=6)
-    prompts = ["The capital of", "Where lives", "The capital of Spain is", "Where"]
+    # Equal token lengths: one group, which batch_size=1 splits and 32 does not.
+    prompts = ["The capital of", "Where lives the", "The capital is", "Where is the"]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) == 1
     one = generate(model, tok, prompts, max_length=10, top_k=5, seed=3, batch_size=1)
     all_ = generate(model, tok, prompts, max_length=10, top_k=5, seed=3, batch_size=32)
     assert one == all_

@@ -250,11 +250,14 @@ def test_a_reloaded_edit_is_the_same_edit_and_dropped_results_still_protect(tmp_
     from memit_fast import load_edit
 
     model = make_gpt2()
-    make_editor(model).apply(REQUESTS[:2]).save(tmp_path / "e")
+    made = make_editor(model).apply(REQUESTS[:2])
+    made.save(tmp_path / "e")
     ed = make_editor(model)
     ed.remember(load_edit(tmp_path / "e"))
     with pytest.raises(ValueError, match="remembered already"):
         ed.remember(load_edit(tmp_path / "e"))
+    with pytest.raises(ValueError, match="remembered already"):
+        ed.remember(made)  # the result the saved edit came from
     ed.forget(load_edit(tmp_path / "e"))
     assert ed._written == []
     # An edit-like object that cannot be referenced weakly is held as it is.

@@ -85,14 +85,17 @@ def load_smollm2(dtype=None, device=None, cache_dir: str | os.PathLike | None = 
         )
         if cache_dir is not None:
             # save_pretrained fails on the GGUF-loaded model: copy into a fresh one. Written
-            # to a folder beside the cache, moved in file by file (nothing else in the cache
-            # folder is touched), and the marker file last: an interrupted first run leaves
-            # no cache that looks whole.
+            # to a temporary folder inside the cache (one filesystem), moved in file by file
+            # (nothing else in the cache folder is touched), and the marker file last: an
+            # interrupted first run leaves no cache that looks whole, and its temporary
+            # folder is removed by the next run.
             fresh = type(model)(model.config)
             fresh.load_state_dict(model.state_dict())
             os.makedirs(cache_dir, exist_ok=True)
-            parent = os.path.dirname(os.path.abspath(cache_dir))
-            tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=parent)
+            for name in os.listdir(cache_dir):
+                if name.startswith(".tmp-smollm2-"):
+                    shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+            tmp = tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=cache_dir)
             try:
                 fresh.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
