@@ -119,12 +119,20 @@ def load_model(args: argparse.Namespace):
         kw["local_files_only"] = True
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.model, **kw)
-    if args.gguf_file:  # GGUF weights are dequantized to fp32, then cast
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw)
-        model = model.to(dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kw)
+    # A directory that does not load (a broken config, no weights, no tokenizer) is bad
+    # input, named as such; an error after loading is the command's own failure.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, **kw)
+        if args.gguf_file:  # GGUF weights are dequantized to fp32, then cast
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kw)
+            model = model.to(dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kw)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"--model {args.model!r} does not load: {first}") from None
+    if len(tokenizer) == 0:
+        raise BadInput(f"--model {args.model!r} has no tokenizer files (an empty vocabulary)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(torch.device(device))
     model.eval()

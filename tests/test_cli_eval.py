@@ -80,13 +80,15 @@ def test_eval_bad_input_exit_codes(world_data, capsys, tmp_path):
     capsys.readouterr()
 
 
-def test_eval_failure_exit_code(world_data, capsys, tmp_path):
+def test_a_model_directory_that_does_not_load_is_bad_input(world_data, capsys, tmp_path):
+    """A broken config or missing weights exit 2 with one line naming --model."""
     path, *_ = world_data
     empty = tmp_path / "empty-model"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    assert main(["eval", "--model", str(empty), "--data", path]) == 1
-    assert "failed" in capsys.readouterr().err
+    assert main(["eval", "--model", str(empty), "--data", path]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "does not load" in err and len(err.strip().splitlines()) == 1
 
 
 def test_subcommands_register_through_functions():
