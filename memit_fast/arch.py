@@ -208,18 +208,26 @@ class ModelAdapter:
         return self.context_length()
 
     def context_length(self) -> int | None:
-        cfg = text_config(self.model)
-        for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-            v = getattr(cfg, name, None)
-            if isinstance(v, int) and v > 0:
-                return v
-        return None
+        return context_length(self.model)
+
+
+def context_length(model) -> int | None:
+    """The longest sequence ``model`` (or its configuration) takes, if its configuration
+    says: the size of its position table, under whichever name the family uses."""
+    cfg = text_config(model)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length",
+                 "max_sequence_length"):  # fmt: skip
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def text_config(model):
-    """The configuration of ``model``'s language model: ``model.config`` itself, or for an
-    image-text model (Gemma 3) its ``text_config``."""
-    cfg = getattr(model, "config", None)
+    """The configuration of ``model``'s language model (``model`` a model or a
+    configuration): the configuration itself, or for an image-text model (Gemma 3) its
+    ``text_config``."""
+    cfg = getattr(model, "config", model)  # (a configuration has no ``config``)
     get = getattr(cfg, "get_text_config", None)
     return get() if callable(get) else cfg
 

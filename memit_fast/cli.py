@@ -85,12 +85,12 @@ def model_n_layers(args: argparse.Namespace) -> int | None:
     or ``None`` if the configuration does not say."""
     from transformers import AutoConfig
 
+    from memit_fast.arch import text_config
+
     kw: dict[str, Any] = (
         {"gguf_file": args.gguf_file} if args.gguf_file else {"local_files_only": True}
     )
-    cfg = AutoConfig.from_pretrained(args.model, **kw)
-    get = getattr(cfg, "get_text_config", None)
-    text = get() if callable(get) else cfg
+    text = text_config(AutoConfig.from_pretrained(args.model, **kw))
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         v = getattr(text, name, None)
         if isinstance(v, int):
@@ -207,18 +207,6 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
-def model_context(model) -> int | None:
-    """The longest sequence ``model`` takes (its position table), if its config says."""
-    from memit_fast.arch import text_config
-
-    cfg = text_config(model)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def _scored_pairs(r, kind: str) -> list[tuple[str, str, list[str]]]:
     """``(field, prompt, continuations)`` for each prompt of request ``r`` that the
     ``kind`` metrics (``counterfact`` or ``zsre``) score."""
@@ -266,6 +254,7 @@ def check_sequences(
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from memit_fast.arch import context_length
     from memit_fast.evaluate import counterfact_metrics, format_metrics, zsre_metrics
 
     if args.batch_size < 1:
@@ -283,7 +272,7 @@ def run_eval(args: argparse.Namespace) -> int:
         zs = all(r.extra.get("format") == "zsre" for r in requests)
         kind = "zsre" if zs else "counterfact"
     model, tokenizer = load_model(args)
-    n_ctx = model_context(model)
+    n_ctx = context_length(model)
     name = os.path.basename(args.data)
     check_sequences(requests, tokenizer, kind, n_ctx, name, skipped=args.skip_invalid)
     generation = args.generation and kind == "counterfact"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -172,13 +173,12 @@ class EditResult:
                     "(another edit or Editor, or training): reverting would undo that change "
                     "too; revert it first, or pass force=True"
                 )
-        restored = set(self._originals)
         with torch.no_grad():
             for l, w0 in self._originals.items():
                 self._adapter.weight(l).copy_(w0)
         self.reverted = True
         if self._editor is not None:
-            self._editor._forget(self, restored, undone_later=force)
+            self._editor._forget(self, undone_later=force)
 
     def save(
         self, path: str | os.PathLike, *, include_originals: bool = True, overwrite: bool = False
@@ -255,9 +255,9 @@ class Editor:
         # Per layer, from the fixed statistics: AlphaEdit's null-space basis, ROME's factor of C.
         self._nullspace: dict[int, torch.Tensor] = {}
         self._rome_factor: dict[int, torch.Tensor] = {}
-        # Keys written by earlier applies that are still in force: [(result, {layer: K})].
-        # Held weakly: a dropped result's keys still protect its edit (it is still applied),
-        # but its copy of the original weights is freed.
+        # The edits whose keys later applies protect, written or remembered (_Written). Held
+        # weakly: a dropped result's keys still protect its edit (it is still applied), but
+        # its copy of the original weights is freed.
         self._written: list[_Written] = []
         # Applied results in order, held weakly: a result the user dropped cannot be reverted
         # and so cannot block the revert of an earlier one.
@@ -457,13 +457,13 @@ class Editor:
                 return i
         return None
 
-    def _forget(self, result, restored: set[int] | None = None, undone_later: bool = False):
-        """Called by ``result.revert()`` (which restored the layers ``restored``): its keys
-        no longer protect anything. With ``undone_later`` (a forced revert), this Editor's
+    def _forget(self, result, undone_later: bool = False) -> None:
+        """Called by ``result.revert()``, which restored the layers of ``result._originals``:
+        its keys no longer protect anything. With ``undone_later`` (a forced revert), this Editor's
         later edits were undone on those layers too: their keys there are dropped, and their
         own revert leaves those layers alone (a result left with none counts as reverted).
         Remembered edits keep their keys: when they were applied is not known here."""
-        restored = set(result._originals) if restored is None else set(restored)
+        restored = set(result._originals)
         pos = next((i for i, w in enumerate(self._written) if w.holder() is result), None)
         if undone_later:
             for r in self._later_results(result):
@@ -793,16 +793,17 @@ class _Written:
 
 
 def _edit_identity(edit) -> str | None:
-    """What an edit was asked to do: its requests, as :meth:`EditRequest.to_dict` lists
-    them (the same for a result and for its saved copy); ``None`` for an edit-like object
-    without requests."""
+    """What an edit was asked to do: the SHA-256 of its requests' prompts, subjects and
+    targets (the same for a result and for its saved copy; a digest, not the requests, is
+    kept per apply); ``None`` for an edit-like object without requests."""
     reqs = getattr(edit, "requests", None)
     if not reqs:
         return None
     try:
-        return json.dumps([r.to_dict() for r in reqs], sort_keys=True, default=str)
+        asked = [(r.prompt, r.subject, r.target) for r in reqs]
     except AttributeError:
         return None
+    return hashlib.sha256(json.dumps(asked, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _holder(edit):

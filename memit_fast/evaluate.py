@@ -578,7 +578,6 @@ def generate(
         groups.setdefault(len(e), []).append(i)
     device = model_input_device(model)
     cache_arg = _cache_argument(model)
-    gens = {}  # per prompt, made when it is first sampled
     out: list[str | None] = [None] * len(prompts)
     with eval_mode(model):
         for length in sorted(groups):
@@ -586,6 +585,8 @@ def generate(
             for s in range(0, len(members), batch_size):
                 idx = members[s : s + batch_size]
                 ids = torch.tensor([encs[i] for i in idx], device=device)
+                if top_k is not None:  # each prompt's own stream (batching does not matter)
+                    gens = [torch.Generator().manual_seed(seed + i) for i in idx]
                 seq = ids
                 past = None
                 inp = ids
@@ -598,14 +599,8 @@ def generate(
                     else:
                         v, ix = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
                         probs = torch.softmax(v, dim=-1).cpu()
-                        for i in idx:
-                            if i not in gens:
-                                gens[i] = torch.Generator().manual_seed(seed + i)
                         pick = torch.stack(
-                            [
-                                torch.multinomial(probs[r], 1, generator=gens[i])
-                                for r, i in enumerate(idx)
-                            ]
+                            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)]
                         )
                         nxt = ix.gather(1, pick.to(ix.device))
                     seq = torch.cat([seq, nxt.to(seq.device)], dim=1)

@@ -290,6 +290,8 @@ def keys_and_hidden(
     keys_out: list[torch.Tensor] = []
     hid_out: list[torch.Tensor] = []
     want_hidden = set(hidden_rows) if hidden_rows is not None else set()
+    key_dev = adapter.mlp_out(key_layer).weight.device
+    hid_dev = next(adapter.block(hidden_layer).parameters()).device
     for b0 in range(0, len(seqs), batch_size):
         idx = list(range(b0, min(len(seqs), b0 + batch_size)))
         ids, mask = pad_right([seqs[i] for i in idx], pad, dev)
@@ -297,9 +299,7 @@ def keys_and_hidden(
         # copy from the host inside a hook would stall the queue in mid-forward).
         pos_list = [positions[i] for i in idx]
         hrows = [j for j, i in enumerate(idx) if i in want_hidden]
-        key_dev = adapter.mlp_out(key_layer).weight.device
         key_pos = torch.tensor(pos_list, dtype=torch.long).to(key_dev, non_blocking=True)
-        hid_dev = next(adapter.block(hidden_layer).parameters()).device
         hid_rows = torch.tensor(hrows, dtype=torch.long).to(hid_dev, non_blocking=True)
         hid_pos = torch.tensor([pos_list[j] for j in hrows], dtype=torch.long).to(
             hid_dev, non_blocking=True

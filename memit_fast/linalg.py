@@ -133,13 +133,16 @@ def _lower_blocks(L: torch.Tensor):
         yield rows[:, i : i + _CHECK_ROWS].tril()
 
 
-def _lower_finite(L: torch.Tensor) -> bool:
-    """Whether every entry on or below ``L``'s diagonal is finite: summed in float64 (a NaN
-    or Inf makes the sum so), rechecked entry by entry only if the sum is not finite (it
-    may overflow for huge finite entries). The extension sums in L's dtype, with the same
-    recheck: the same answer."""
+def _lower_finite(L: torch.Tensor, exact: bool = False) -> bool:
+    """Whether every entry on or below ``L``'s diagonal is finite (the extension's
+    ``lower_finite``). ``exact`` tests each entry; otherwise the entries are summed in
+    float64 (a NaN or Inf makes the sum so) and rechecked entry by entry only if the sum is
+    not finite (it may overflow for huge finite entries). The extension sums in L's dtype,
+    with the same recheck: the same answer."""
+    if exact:
+        return all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L))
     total = float(sum(part.sum(dtype=torch.float64) for part in _lower_blocks(L)))
-    return math.isfinite(total) or all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L))
+    return math.isfinite(total) or _lower_finite(L, exact=True)
 
 
 def _check_factor_diagonal(L: torch.Tensor, op: str, name: str) -> None:
@@ -169,7 +172,7 @@ def _check_solution(X: torch.Tensor, L: torch.Tensor, op: str) -> None:
     read only when it is not."""
     if X.numel() == 0 or bool(torch.isfinite(X).all()):
         return
-    if not all(bool(torch.isfinite(p).all()) for p in _lower_blocks(L)):
+    if not _lower_finite(L, exact=True):
         raise ValueError(
             f"{op}: L contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)"
         )
