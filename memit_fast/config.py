@@ -109,7 +109,9 @@ class EditConfig:
             the edited keys are written exactly), ``"alphaedit"`` (the update is projected
             onto the null space of the key statistics) or ``"rome"`` (rank one per request,
             one at a time; needs exactly one layer). All share the target vectors, keys and
-            statistics.
+            statistics: ``"rome"``'s target vectors are optimized once on the unedited model
+            for the whole batch, not again after each earlier request's write as ROME's own
+            one-request-at-a-time runs do (for one request the two are the same).
         emmet_ridge: EMMET's ridge on the ``n x n`` matrix ``K^T A^-1 K``, relative to its
             mean diagonal (``ridge * trace / n`` is added to the diagonal); >= 0.
         alphaedit_threshold: eigenvalues of the key statistics ``C`` (the raw second moment,

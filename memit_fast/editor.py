@@ -326,7 +326,7 @@ class Editor:
             self._solvers[layer] = s
         return self._solvers[layer]
 
-    def _solve_other(self, l, C, K, R, k_all, n, T) -> tuple[torch.Tensor, torch.Tensor]:
+    def _solve_other(self, l, C, K, R, k_all, n, T, sources) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors ``(R, U)`` of layer ``l``'s update for ``config.solver`` other than
         ``"memit"`` (see :mod:`memit_fast.solvers`); ``U`` float64, ``R`` as given (EMMET,
         AlphaEdit) or ROME's sequential residuals in ``R``'s dtype and device."""
@@ -334,7 +334,7 @@ class Editor:
         Kc = K.to(C.device)
         try:
             if c.solver == "emmet":
-                U = solvers.emmet_solve(self._solver(l, C), Kc, c.emmet_ridge)
+                U = solvers.emmet_solve(self._solver(l, C), Kc, c.emmet_ridge, sources)
             elif c.solver == "alphaedit":
                 if l not in self._nullspace:
                     self._nullspace[l] = solvers.nullspace_basis(C, c.alphaedit_threshold)
@@ -346,12 +346,14 @@ class Editor:
                     )
                 old = [w.keys[l] for w in self._written if l in w.keys]
                 K_old = torch.cat(old, dim=1) if old else None
-                U = solvers.alphaedit_solve(self._nullspace[l], Kc, K_old, c.alphaedit_lambda)
+                U = solvers.alphaedit_solve(
+                    self._nullspace[l], Kc, K_old, c.alphaedit_lambda, sources
+                )
             elif c.solver == "rome":
                 if l not in self._rome_factor:
                     self._rome_factor[l] = solvers.rome_factor(C)
                 K_bare = k_all.reshape(n, T, -1)[:, 0].T
-                R64, U = solvers.rome_solve(self._rome_factor[l], Kc, K_bare, R)
+                R64, U = solvers.rome_solve(self._rome_factor[l], Kc, K_bare, R, sources)
                 R = R64.to(R.device, R.dtype)
             else:  # EditConfig validates the name
                 raise ValueError(f"EditConfig.solver {c.solver!r} is unknown")
@@ -647,11 +649,12 @@ class Editor:
             tick = _clock()
             stats = self.key_stats()
             timings["statistics"] = _clock() - tick
-            result = self._apply_prepared(reqs, prepared, templates, stats, timings)
+            result = self._apply_prepared(reqs, prepared, templates, stats, timings, sources)
         timings["total"] = _clock() - t0
         return result
 
-    def _apply_prepared(self, reqs, prepared, templates, stats, timings) -> EditResult:
+    def _apply_prepared(self, reqs, prepared, templates, stats, timings, sources) -> EditResult:
+        """``sources``: each request's index in the caller's input, for the messages."""
         c = self.config
         ad = self.adapter
         layers = c.layers
@@ -668,7 +671,7 @@ class Editor:
             progress=self.progress,
         )
         timings["targets"] = _clock() - tick
-        bad = (~torch.isfinite(tr.z).all(dim=1)).nonzero().flatten().tolist()
+        bad = [sources[i] for i in (~torch.isfinite(tr.z).all(dim=1)).nonzero().flatten().tolist()]
         if bad:
             raise EditFailedError(
                 f"target vectors of requests {bad} are not finite; lower lr or check the model"
@@ -726,7 +729,7 @@ class Editor:
                     except linalg.IllConditionedError as e:
                         raise EditFailedError(f"layer {l}: {e}") from e
                 else:
-                    R, U = self._solve_other(l, C, K, R, k_all, n, T)
+                    R, U = self._solve_other(l, C, K, R, k_all, n, T, sources)
                 U = U.to(torch.float32)
                 written_keys[l] = K.detach().to("cpu")
                 timings["solve"] += _clock() - tick

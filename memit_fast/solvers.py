@@ -17,6 +17,8 @@ Everything here is float64.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from memit_fast import linalg
@@ -26,7 +28,47 @@ class SolverError(RuntimeError):
     """The update rule cannot be applied to this layer's statistics or keys."""
 
 
-def emmet_solve(solver: linalg.LayerSolver, K: torch.Tensor, ridge: float) -> torch.Tensor:
+# EMMET: a squared pivot of the Cholesky factor of ``K^T A^-1 K`` below this times ``n``
+# (the number of keys) times its diagonal entry means that key lies in the span of the keys
+# before it to rounding (see ``emmet_solve``). Exactly dependent keys left pivots of up to
+# 2e4 eps (dk = 512, n = 520, C of condition 1e8); ``1e4 n eps`` is well above that.
+EMMET_DEPENDENT_PIVOT = 1e4 * torch.finfo(torch.float64).eps
+
+
+def _check_finite_stats(C: torch.Tensor, who: str) -> None:
+    if not bool(torch.isfinite(C).all()):
+        raise SolverError(
+            f"{who}: the key statistics C contain NaN or Inf; recompute them (stats_dtype "
+            "float32 or float64) or check the model's activations"
+        )
+
+
+def _named(cols: list[int], names: Sequence[int] | None) -> list[int]:
+    """The requests' indices for the messages: ``names[c]`` for each key column ``c`` (the
+    caller's index of each request, which merged duplicates no longer match), else ``c``."""
+    return [int(names[c]) for c in cols] if names is not None else cols
+
+
+def _check_finite_keys(
+    K: torch.Tensor,
+    who: str,
+    what: str = "the keys of requests",
+    names: Sequence[int] | None = None,
+) -> None:
+    bad = (~torch.isfinite(K).all(dim=0)).nonzero().flatten().tolist()
+    if bad:
+        raise SolverError(
+            f"{who}: {what} {_named(bad, names)} contain NaN or Inf; check the model's "
+            "activations on their prompts"
+        )
+
+
+def emmet_solve(
+    solver: linalg.LayerSolver,
+    K: torch.Tensor,
+    ridge: float,
+    names: Sequence[int] | None = None,
+) -> torch.Tensor:
     """EMMET (Gupta et al. 2024, equality-constrained mass editing).
 
     Minimizes the preservation loss ``||dW A^(1/2)||^2`` subject to ``(W + dW) K = W K + R``
@@ -37,16 +79,22 @@ def emmet_solve(solver: linalg.LayerSolver, K: torch.Tensor, ridge: float) -> to
 
     with the ridge ``rho = ridge * trace(K^T A^-1 K) / n`` (relative, so it does not depend
     on the scale of the keys or of lambda) keeping the ``n x n`` solve stable. Without
-    remembered keys lambda cancels. Keys that are linearly dependent (the same subject twice)
-    make the constraints contradictory: the ridge then decides the compromise.
+    remembered keys lambda cancels. Keys that are linearly dependent (the same subject twice,
+    more requests than ``dk``) make the constraints contradictory: the ridge then decides the
+    compromise, and where it is too small to matter (``ridge = 0``, or a key's share outside the
+    span of the keys before it under ``EMMET_DEPENDENT_PIVOT * n``) the solve is refused.
 
     Args:
         solver: the layer's ``LayerSolver`` (its committed system is ``A``).
         K: ``(dk, n)`` keys of the batch.
         ridge: ``EditConfig.emmet_ridge``, >= 0.
+        names: the requests' indices in the caller's input, one per key, for the messages.
     Returns:
         ``U (dk, n)`` float64 on the solver's device.
+    Raises:
+        SolverError: a key is not finite or zero, or the keys are dependent (see above).
     """
+    _check_finite_keys(K, "EMMET", names=names)
     Y = solver.solve_committed(K)  # A^-1 K
     K64 = K.to(Y.device, torch.float64)
     D = K64.T @ Y
@@ -54,16 +102,29 @@ def emmet_solve(solver: linalg.LayerSolver, K: torch.Tensor, ridge: float) -> to
     n = D.shape[0]
     if n == 0:
         return Y
+    zero = (~(D.diagonal() > 0)).nonzero().flatten().tolist()
+    if zero:
+        raise SolverError(
+            f"EMMET: the keys of requests {_named(zero, names)} are zero (K^T A^-1 K has a zero diagonal "
+            "entry): no update can write them; check the model's activations on their prompts"
+        )
     scale = float(D.diagonal().mean())
-    if not scale > 0:
-        raise SolverError(f"EMMET: K^T A^-1 K has mean diagonal {scale}; the keys are zero")
     D.diagonal().add_(ridge * scale)
     L, info = torch.linalg.cholesky_ex(D)
-    if int(info) != 0:
+    # Pivot i squared over D_ii is the share of key i (in the A^-1 inner product) outside
+    # the span of keys 0 … i-1: at rounding level the constraints are dependent and the
+    # solve would return noise amplified by 1 / pivot instead of failing.
+    failed = int(info) - 1 if int(info) != 0 else n  # cholesky_ex's info is 1-based
+    share = L.diagonal()[:failed] ** 2 / D.diagonal()[:failed]
+    low = (~(share > EMMET_DEPENDENT_PIVOT * n)).nonzero().flatten().tolist()
+    if low or failed < n:
+        i = low[0] if low else failed
         raise SolverError(
-            f"EMMET: K^T A^-1 K (+ emmet_ridge={ridge} x its mean diagonal) is not positive "
-            f"definite (pivot {int(info)} of {n}): the keys are linearly dependent (e.g. one "
-            "subject in several requests); raise emmet_ridge"
+            f"EMMET: the key of request {_named([i], names)[0]} is (to rounding) a linear combination of the keys "
+            f"of requests before it (e.g. one subject in several requests, or more requests "
+            f"than the key dimension {K64.shape[0]}), so K^T A^-1 K (+ emmet_ridge={ridge} x "
+            "its mean diagonal) is singular and the equality constraints cannot be solved; "
+            "raise emmet_ridge (e.g. to 1e-6) or drop the repeated requests"
         )
     return torch.cholesky_solve(Y.T.contiguous(), L).T.contiguous()  # Y D^-1
 
@@ -76,8 +137,10 @@ def nullspace_basis(C: torch.Tensor, threshold: float) -> torch.Tensor:
     released hyperparameter files use 2e-2). The projector is ``P = V0 V0^T``.
 
     Raises:
-        SolverError: no eigenvalue is below ``threshold`` (the update would be zero).
+        SolverError: ``C`` is not finite, or no eigenvalue is below ``threshold`` (the
+        update would be zero).
     """
+    _check_finite_stats(C, "AlphaEdit")
     evals, evecs = torch.linalg.eigh(C.to(torch.float64))
     keep = evals < threshold
     if not bool(keep.any()):
@@ -90,7 +153,11 @@ def nullspace_basis(C: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def alphaedit_solve(
-    V0: torch.Tensor, K: torch.Tensor, K_old: torch.Tensor | None, lam: float
+    V0: torch.Tensor,
+    K: torch.Tensor,
+    K_old: torch.Tensor | None,
+    lam: float,
+    names: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of ``C``.
 
@@ -109,9 +176,13 @@ def alphaedit_solve(
         K: ``(dk, n)`` keys of the batch.
         K_old: ``(dk, n_old)`` keys written by earlier batches (sequential editing) or None.
         lam: ``EditConfig.alphaedit_lambda``, > 0.
+        names: the requests' indices in the caller's input, one per key, for the messages.
     Returns:
         ``U (dk, n)`` float64 on ``V0``'s device.
     """
+    _check_finite_keys(K, "AlphaEdit", names=names)
+    if K_old is not None:
+        _check_finite_keys(K_old, "AlphaEdit", "the remembered keys (columns)")
     B = V0.T @ K.to(V0.device, torch.float64)  # (m, n)
     M = B @ B.T
     if K_old is not None and K_old.numel():
@@ -129,17 +200,23 @@ def alphaedit_solve(
 
 def rome_factor(C: torch.Tensor) -> torch.Tensor:
     """The float64 Cholesky factor of ``C`` that ROME's ``u = C^-1 k`` uses."""
+    _check_finite_stats(C, "ROME")
     L, info = torch.linalg.cholesky_ex(C.to(torch.float64))
     if int(info) != 0:
         raise SolverError(
             f"ROME: the key statistics are not positive definite (pivot {int(info)} of "
-            f"{C.shape[0]}); ROME needs C^-1: use more statistics samples"
+            f"{C.shape[0]}); ROME needs C^-1: raise stats_samples (C needs at least "
+            f"{C.shape[0]} token positions to have full rank), or use another solver"
         )
     return L
 
 
 def rome_solve(
-    Lc: torch.Tensor, K: torch.Tensor, K_bare: torch.Tensor, R0: torch.Tensor
+    Lc: torch.Tensor,
+    K: torch.Tensor,
+    K_bare: torch.Tensor,
+    R0: torch.Tensor,
+    names: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME (Meng et al. 2022), one rank-one update per request, in the requests' order.
 
@@ -162,9 +239,12 @@ def rome_solve(
         Lc: ``rome_factor(C)``.
         K: ``(dk, n)`` template-averaged keys; K_bare: ``(dk, n)`` the bare prompts' keys.
         R0: ``(dh, n)`` ``Z - H`` from the unedited layer.
+        names: the requests' indices in the caller's input, one per key, for the messages.
     Returns:
         ``(R (dh, n), Û (dk, n))`` float64 on ``Lc``'s device.
     """
+    _check_finite_keys(K, "ROME", names=names)
+    _check_finite_keys(K_bare, "ROME", "the bare prompts' keys of requests", names)
     dev = Lc.device
     K64 = K.to(dev, torch.float64)
     Kb = K_bare.to(dev, torch.float64)
@@ -173,7 +253,9 @@ def rome_solve(
     tiny = torch.finfo(torch.float64).eps * (U.norm(dim=0) * Kb.norm(dim=0))
     bad = (~(den.abs() > tiny)).nonzero().flatten().tolist()
     if bad:
-        raise SolverError(f"ROME: u_i^T k_i vanishes for requests {bad}; check their keys")
+        raise SolverError(
+            f"ROME: u_i^T k_i vanishes for requests {_named(bad, names)}; check their keys"
+        )
     Uh = U / den
     n = K64.shape[1]
     T = torch.eye(n, dtype=torch.float64, device=dev) + torch.triu(Uh.T @ Kb, diagonal=1)
