@@ -43,36 +43,58 @@ def _fast(tokenizer) -> bool:
 def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> Encoded:
     """Tokenize ``prefix + prompt`` with ``subject`` in place of ``{}``.
 
-    The subject's last token is the last token whose character span overlaps the subject's
-    span (found with the tokenizer's offsets, so BPE merges across the boundary are handled).
-    Tokenizers without offsets fall back to MEMIT's rule: the length of the tokenized text up
-    to the end of the subject, minus one.
+    The subject's last token follows MEMIT's rule: the length of the tokenized text up to the
+    end of the subject, minus one. Where that tokenization is not a prefix of the whole
+    text's (a token merges the subject's end with what follows), the rule would point at a
+    token of other text; fast tokenizers then take the last token whose character span
+    overlaps the subject's (found with the tokenizer's offsets), slow ones raise
+    :class:`SubjectNotFoundError`.
+
+    A fast tokenizer whose text tokens all have non-empty spans gets the rule's token from
+    the offsets of one tokenization: the rule's tokens then cover the text up to the
+    subject's end, and the last of them is the last one overlapping the subject. A token
+    whose span was trimmed away (spaces alone, under ``trim_offsets``) takes the rule's
+    second tokenization.
     """
     pos = prompt.index("{}")
     text = prefix + prompt.replace("{}", subject)
     start = len(prefix) + pos
     end = start + len(subject)
-    if _fast(tokenizer):
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    fast = _fast(tokenizer)
+    if fast:
+        enc = tokenizer(
+            text,
+            add_special_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
         ids = _strip_tail(list(enc["input_ids"]), appended_tail(tokenizer))
-        last = -1
-        for i, (a, b) in enumerate(enc["offset_mapping"]):
-            if b > a and a < end and b > start:
-                last = i
-        if last < 0:
-            raise SubjectNotFoundError(
-                f"no token of {text!r} covers the subject {subject!r} (characters {start}-{end})"
-            )
+        spans = enc["offset_mapping"][: len(ids)]
+        overlapping = [i for i, (a, b) in enumerate(spans) if b > a and a < end and b > start]
+        special = enc["special_tokens_mask"][: len(ids)]
+        if all(b > a or sp for (a, b), sp in zip(spans, special)):
+            if not overlapping:
+                raise SubjectNotFoundError(
+                    f"no token of {text!r} covers the subject {subject!r} (characters "
+                    f"{start}-{end})"
+                )
+            return Encoded(tuple(ids), overlapping[-1])
     else:
         ids = encode_prompt(tokenizer, text)
-        upto = encode_prompt(tokenizer, text[:end])
-        last = len(upto) - 1
-        if last < 0 or ids[: last + 1] != list(upto):
-            raise SubjectNotFoundError(
-                f"tokenization of {text!r} merges the subject {subject!r} with what follows "
-                "and this tokenizer gives no offsets to resolve it"
-            )
-    return Encoded(tuple(ids), last)
+    upto = encode_prompt(tokenizer, text[:end])
+    last = len(upto) - 1
+    if last >= 0 and ids[: last + 1] == upto:
+        return Encoded(tuple(ids), last)
+    if not fast:
+        raise SubjectNotFoundError(
+            f"tokenization of {text!r} merges the subject {subject!r} with what follows "
+            "and this tokenizer gives no offsets to resolve it"
+        )
+    if not overlapping:
+        raise SubjectNotFoundError(
+            f"no token of {text!r} covers the subject {subject!r} (characters {start}-{end})"
+        )
+    return Encoded(tuple(ids), overlapping[-1])
 
 
 # Per tokenizer, the tokens it appends to every text (see appended_tail).
@@ -135,10 +157,16 @@ def with_leading_space(target: str) -> str:
 def encode_target(tokenizer, context: str, target: str) -> tuple[int, ...]:
     """Token ids of ``target`` (with MEMIT's leading space) as it continues ``context``.
 
-    Tokenizes ``context + target`` and keeps the tokens that start at or after the end of
-    ``context``; if a token straddles the boundary, tokenizes the target on its own.
+    The tokens of ``context + target`` after those of ``context``. Where the tokens of
+    ``context`` are not a prefix of them (a token straddles the boundary), the tokens that
+    start at or after the end of ``context`` (by the tokenizer's offsets) if none straddles,
+    else the target tokenized on its own.
     """
     target = with_leading_space(target)
+    full = encode_prompt(tokenizer, context + target)
+    head = encode_prompt(tokenizer, context)
+    if full[: len(head)] == head and len(full) > len(head):
+        return tuple(full[len(head) :])
     if _fast(tokenizer):
         enc = tokenizer(
             context + target,
@@ -152,7 +180,7 @@ def encode_target(tokenizer, context: str, target: str) -> tuple[int, ...]:
         for tid, (a, b), special in zip(
             enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
         ):
-            if special or b <= a:
+            if special:
                 continue
             if a >= n:
                 out.append(tid)
@@ -283,13 +311,18 @@ def keys_and_hidden(
 
     Returns:
         ``keys (len(seqs), dk)`` fp32 and ``hidden (len(hidden_rows), dh)`` fp32 (or ``None``
-        when ``hidden_rows`` is ``None``), on the devices of the respective modules.
+        when ``hidden_rows`` is ``None``), row ``j`` of ``hidden`` for sequence
+        ``hidden_rows[j]``, on the devices of the respective modules.
     """
     dev = input_device(model)
-    stop_layer = max(key_layer, hidden_layer if hidden_rows is not None else key_layer)
+    # The hook of the deeper block ends the forward (the key's when they are the same block:
+    # the projection's input comes before the block's output).
+    key_stops = hidden_rows is None or key_layer > hidden_layer
     keys_out: list[torch.Tensor] = []
     hid_out: list[torch.Tensor] = []
     want_hidden = set(hidden_rows) if hidden_rows is not None else set()
+    if any(not 0 <= r < len(seqs) for r in want_hidden):
+        raise ValueError(f"hidden_rows {list(hidden_rows)} out of range for {len(seqs)} sequences")
     key_dev = adapter.mlp_out(key_layer).weight.device
     hid_dev = next(adapter.block(hidden_layer).parameters()).device
     for b0 in range(0, len(seqs), batch_size):
@@ -310,13 +343,14 @@ def keys_and_hidden(
             x = args[0]
             rows = torch.arange(x.shape[0], device=x.device)
             got["k"] = x[rows, key_pos.to(x.device)].float()
-            if key_layer == stop_layer and hidden_rows is None:
+            if key_stops:
                 raise StopForward
 
         def hid_hook(mod, args, out, got=got, hid_rows=hid_rows, hid_pos=hid_pos):
             h = block_output(out)
             got["h"] = h[hid_rows.to(h.device), hid_pos.to(h.device)].float()
-            raise StopForward
+            if not key_stops:
+                raise StopForward
 
         handles = [adapter.mlp_out(key_layer).register_forward_pre_hook(key_hook)]
         if hidden_rows is not None:
@@ -327,5 +361,12 @@ def keys_and_hidden(
         if hidden_rows is not None:
             hid_out.append(got["h"])
     keys = torch.cat(keys_out)
-    hidden = torch.cat(hid_out) if hidden_rows is not None else None
+    if hidden_rows is None:
+        return keys, None
+    hidden = torch.cat(hid_out)  # one row per sequence of want_hidden, in sequence order
+    order = sorted(want_hidden)
+    if list(hidden_rows) != order:
+        where = {r: j for j, r in enumerate(order)}
+        sel = torch.tensor([where[r] for r in hidden_rows], dtype=torch.long)
+        hidden = hidden[sel.to(hidden.device)]
     return keys, hidden

@@ -4,6 +4,7 @@ prompts so that the edit generalizes beyond the bare prompt (MEMIT's ``context_t
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +21,9 @@ def generate_context_templates(
     seed: int = 0,
 ) -> tuple[str, ...]:
     """``("{}",)`` plus one template per seed: the model continues the seed by top-k sampling
-    until the text is ``length`` tokens long; braces are blanked and ``". {}"`` appended.
+    until the text is ``length`` tokens long; as MEMIT's generator, the text is NFKD-normalized
+    and each blank line (``"\\n\\n"``) becomes a space, braces are blanked and ``". {}"``
+    appended.
 
     Sampling draws from a CPU ``torch.Generator`` seeded with ``seed`` so that a run is
     repeatable; the templates are stored in the edit's config.
@@ -41,5 +44,6 @@ def generate_context_templates(
                 choice = torch.multinomial(top_p / top_p.sum(), 1, generator=gen)
                 ids.append(int(top_i[choice]))
             text = tokenizer.decode(ids, skip_special_tokens=True)
+            text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
             out.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return tuple(out)
