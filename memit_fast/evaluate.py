@@ -9,7 +9,8 @@ Tokenization: a target continues its prompt after MEMIT's leading space
 those of ``tokenizer(prompt + continuation)`` after the prompt's own tokens — the same ids
 as MEMIT's ``tok(prompt)`` + ``tok(" " + target)`` for GPT-2-style tokenizers, and right for
 tokenizers that add a BOS token or merge across the boundary. Sequences are padded on the
-right with an attention mask; padding never changes a score beyond float rounding.
+right with an attention mask; padding never changes a score beyond float rounding, and
+identical sequences (a new target equal to the true one) are scored once, so they tie.
 
 CounterFact (Meng et al., ROME/MEMIT): for a prompt ``p`` and an object ``o`` with tokens
 ``t_1..t_k``, ``NLL(o|p) = -(1/k) sum_j log P(t_j | p, t_<j)`` — the mean per-token negative
@@ -33,7 +34,8 @@ set's ``loc_ans`` (MEMIT's definition: the unedited model is far from perfect th
 EasyEdit's variants (named ``easyedit_*``): rewrite/rephrase accuracy is the same top-1
 token accuracy of the new target (per prompt, then averaged); locality compares the edited
 model's top-1 predictions on ``neighborhood prompt + its answer`` with those of the unedited
-model (pass the unedited model's result as ``baseline``) instead of with the answer.
+model (pass the unedited model's result as ``baseline``) instead of with the answer, per
+prompt, then averaged over the request's prompts.
 
 Generation entropy (ROME/MEMIT "fluency"): the weighted mean of bi- and tri-gram entropies
 ``(2/3 H_2 + 4/3 H_3) / 2`` (bits) of each generated text, averaged per request and then over
@@ -53,7 +55,7 @@ from typing import Any
 
 import torch
 
-from memit_fast.data import EditRequest, normalize_requests
+from memit_fast.data import EditRequest, EditRequestError, _coerce
 from memit_fast.keys import encode_prompt, eval_mode
 
 __all__ = [
@@ -154,41 +156,61 @@ def score_continuations(
     prompts: Sequence[str],
     continuations: Sequence[str],
     batch_size: int = 32,
+    labels: Sequence[tuple[str, str]] | None = None,
 ) -> list[ContinuationScore]:
     """Score each ``continuations[i]`` after ``prompts[i]`` (taken verbatim: add the leading
-    space yourself, see :func:`with_leading_space`).
+    space yourself, see :func:`with_leading_space`). ``labels[i]``, if given, names where the
+    prompt and the continuation come from, for the error raised when one has no tokens.
 
     Batched by length (longest first), right-padded with an attention mask, on the device of
     the model's input embeddings. The model is put in eval mode for the call and restored.
+    Pairs with the same token ids are scored once and share the result, so that equal
+    continuations (a new target equal to the true one) compare equal whatever the batching
+    and padding do to float rounding. Padding repeats a row's last token: a valid id for any
+    model (a tokenizer's pad token may lie outside the model's vocabulary) and masked out.
     Returns one :class:`ContinuationScore` per pair, in input order.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    enc = [encode_continuation(tokenizer, p, c) for p, c in zip(prompts, continuations)]
+    pairs = []
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        try:
+            pairs.append(encode_continuation(tokenizer, p, c))
+        except ValueError as e:
+            if labels is None:
+                raise
+            which = labels[i][0] if not encode_prompt(tokenizer, p) else labels[i][1]
+            raise ValueError(f"{which}: {e}") from None
+    first: dict[tuple[int, ...], int] = {}  # token ids -> index in ``enc``
+    enc: list[tuple[list[int], list[int]]] = []
+    where = []  # pair -> index in ``enc``
+    for p, c in pairs:
+        k = first.setdefault((*p, -1, *c), len(enc))
+        if k == len(enc):
+            enc.append((p, c))
+        where.append(k)
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
     device = model_input_device(model)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     out: list[ContinuationScore | None] = [None] * len(enc)
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             seqs = [enc[i][0] + enc[i][1] for i in idx]
             width = max(len(s) for s in seqs)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            ids = torch.tensor([s + s[-1:] * (width - len(s)) for s in seqs], dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             rows, cols, tgts = [], [], []
             for b, (i, s) in enumerate(zip(idx, seqs)):
-                ids[b, : len(s)] = torch.tensor(s)
                 mask[b, : len(s)] = 1
                 n_p, n_c = len(enc[i][0]), len(enc[i][1])
                 rows += [b] * n_c
                 cols += range(n_p - 1, n_p + n_c - 1)
                 tgts += enc[i][1]
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            ).logits
             r = torch.tensor(rows, device=logits.device)
             c = torch.tensor(cols, device=logits.device)
             t = torch.tensor(tgts, device=logits.device)
@@ -202,7 +224,7 @@ def score_continuations(
                     tuple(lp[k : k + n_c]), tuple(am[k : k + n_c]), tuple(enc[i][1])
                 )
                 k += n_c
-    return out  # type: ignore[return-value]
+    return [out[k] for k in where]  # type: ignore[misc]
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -218,11 +240,17 @@ def _harmonic(xs: Sequence[float | None]) -> float | None:
     return len(xs) / sum(1.0 / x for x in xs)
 
 
-def _neighborhood_pairs(r: EditRequest) -> list[tuple[str, str | None]]:
-    """(prompt, its answer) for each neighborhood prompt; answer ``None`` if unknown."""
-    if r.neighborhood_targets:
-        return list(zip(r.neighborhood_prompts, r.neighborhood_targets))
-    return [(p, r.target_true) for p in r.neighborhood_prompts]
+def _neighborhood_pairs(r: EditRequest) -> list[tuple[str, str | None, tuple[str, str]]]:
+    """(prompt, its answer, the two fields) for each neighborhood prompt; answer ``None`` if
+    unknown."""
+    out = []
+    for j, p in enumerate(r.neighborhood_prompts):
+        if r.neighborhood_targets:
+            a, field = r.neighborhood_targets[j], f"'neighborhood_targets' item {j}"
+        else:
+            a, field = r.target_true, "'target_true'"
+        out.append((p, a, (f"'neighborhood_prompts' item {j}", field)))
+    return out
 
 
 class _Batch:
@@ -231,15 +259,22 @@ class _Batch:
     def __init__(self):
         self.prompts: list[str] = []
         self.conts: list[str] = []
+        self.labels: list[tuple[str, str]] = []
+        self.request = ""  # names the request being added, for errors
         self.scores: list[ContinuationScore] = []
 
-    def add(self, prompt: str, target: str) -> int:
+    def add(self, prompt: str, target: str, fields: tuple[str, str]) -> int:
+        """Add ``target`` after ``prompt``; ``fields`` names the request's fields they come
+        from."""
         self.prompts.append(prompt)
         self.conts.append(with_leading_space(target))
+        self.labels.append(tuple(f"{self.request}: field {f}" for f in fields))
         return len(self.prompts) - 1
 
     def run(self, model, tokenizer, batch_size: int) -> None:
-        self.scores = score_continuations(model, tokenizer, self.prompts, self.conts, batch_size)
+        self.scores = score_continuations(
+            model, tokenizer, self.prompts, self.conts, batch_size, labels=self.labels
+        )
 
     def __getitem__(self, k: int) -> ContinuationScore:
         return self.scores[k]
@@ -253,9 +288,16 @@ def _score_requests(
     and the plans."""
     reqs = _as_requests(requests)
     batch = _Batch()
-    plans = [plan(batch, r) for r in reqs]
+    plans = []
+    for i, r in enumerate(reqs):
+        batch.request = _request_label(i, r)
+        plans.append(plan(batch, r))
     batch.run(model, tokenizer, batch_size)
     return reqs, batch, plans
+
+
+def _request_label(i: int, r: EditRequest) -> str:
+    return f"request {i}" + (f" (case_id {r.case_id!r})" if r.case_id is not None else "")
 
 
 def _request_means(
@@ -285,7 +327,9 @@ def _easyedit_means(out: dict[str, Any], records: list[dict], baseline) -> None:
 
 
 def _locality(baseline, records: list[dict], key: str = "neighborhood") -> list[float | None]:
-    """EasyEdit locality per request: agreement of top-1 predictions with the baseline's."""
+    """EasyEdit locality per request: agreement of top-1 predictions with the baseline's,
+    the fraction of a prompt's tokens that agree, averaged over the request's prompts (as
+    EasyEdit averages its per-prompt ``locality_acc``)."""
     base = baseline["records"] if isinstance(baseline, dict) else baseline
     if len(base) != len(records):
         raise ValueError(
@@ -300,9 +344,7 @@ def _locality(baseline, records: list[dict], key: str = "neighborhood") -> list[
             continue
         if bp is None or [len(x) for x in bp] != [len(x) for x in rp]:
             raise ValueError(f"baseline record {i} does not match request {i}")
-        flat_b = [t for x in bp for t in x]
-        flat_r = [t for x in rp for t in x]
-        out.append(sum(a == b for a, b in zip(flat_b, flat_r)) / len(flat_r))
+        out.append(_mean([sum(a == b for a, b in zip(x, y)) / len(y) for x, y in zip(bp, rp)]))
     return out
 
 
@@ -358,15 +400,22 @@ def counterfact_metrics(
 
     def plan_request(batch: _Batch, r: EditRequest) -> dict[str, Any]:
         item: dict[str, Any] = {"rewrite": [], "paraphrase": [], "neighborhood": []}
-        for kind, prompts in (("rewrite", [r.text]), ("paraphrase", r.paraphrase_prompts)):
-            for p in prompts:
-                new = batch.add(p, r.target)
-                true = batch.add(p, r.target_true) if r.target_true is not None else None
+        paraphrases = [
+            (p, f"'paraphrase_prompts' item {j}") for j, p in enumerate(r.paraphrase_prompts)
+        ]
+        for kind, prompts in (("rewrite", [(r.text, "'prompt'")]), ("paraphrase", paraphrases)):
+            for p, f in prompts:
+                new = batch.add(p, r.target, (f, "'target'"))
+                true = None
+                if r.target_true is not None:
+                    true = batch.add(p, r.target_true, (f, "'target_true'"))
                 item[kind].append((new, true))
-        for p, ans in _neighborhood_pairs(r):
+        for p, ans, (f, g) in _neighborhood_pairs(r):
             if ans is None:
                 continue
-            item["neighborhood"].append((batch.add(p, r.target), batch.add(p, ans)))
+            item["neighborhood"].append(
+                (batch.add(p, r.target, (f, "'target'")), batch.add(p, ans, (f, g)))
+            )
         return item
 
     reqs, batch, plan = _score_requests(model, tokenizer, requests, batch_size, plan_request)
@@ -459,9 +508,14 @@ def zsre_metrics(
 
     def plan_request(batch: _Batch, r: EditRequest) -> dict[str, list[int]]:
         return {
-            "rewrite": [batch.add(r.text, r.target)],
-            "paraphrase": [batch.add(p, r.target) for p in r.paraphrase_prompts],
-            "neighborhood": [batch.add(p, a) for p, a in _neighborhood_pairs(r) if a is not None],
+            "rewrite": [batch.add(r.text, r.target, ("'prompt'", "'target'"))],
+            "paraphrase": [
+                batch.add(p, r.target, (f"'paraphrase_prompts' item {j}", "'target'"))
+                for j, p in enumerate(r.paraphrase_prompts)
+            ],
+            "neighborhood": [
+                batch.add(p, a, fields) for p, a, fields in _neighborhood_pairs(r) if a is not None
+            ],
         }
 
     reqs, batch, plan = _score_requests(model, tokenizer, requests, batch_size, plan_request)
@@ -496,8 +550,12 @@ def _as_requests(requests) -> list[EditRequest]:
     reqs = list(requests)
     if all(isinstance(r, EditRequest) for r in reqs):
         return reqs
-    # validate dicts one by one so that duplicates survive
-    return [r if isinstance(r, EditRequest) else normalize_requests([r])[0] for r in reqs]
+    # validate one by one so that duplicates survive; problems name the caller's index
+    problems: list[str] = []
+    out = [_coerce(i, r, problems) for i, r in enumerate(reqs)]
+    if problems:
+        raise EditRequestError(problems)
+    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------
@@ -627,6 +685,13 @@ def generation_entropy(
     Returns ``{"ngram_entropy", "n", "records": [{"ngram_entropy", "generations"}]}``.
     """
     reqs = _as_requests(requests)
+    for i, r in enumerate(reqs):
+        for j, p in enumerate(r.generation_prompts):
+            if not encode_prompt(tokenizer, p):
+                raise ValueError(
+                    f"{_request_label(i, r)}: field 'generation_prompts' item {j} {p!r} has no "
+                    "tokens to continue"
+                )
     prompts = [p for r in reqs for p in r.generation_prompts]
     texts = generate(model, tokenizer, prompts, max_length, top_k, seed, batch_size)
     records, k = [], 0
