@@ -4,10 +4,13 @@ An edit saved with :func:`save_edit` is a directory::
 
     edit/
       edit.json              metadata (below); UTF-8 JSON
-      update.safetensors     per layer either "layers.{l}.R" (dh, n) and "layers.{l}.U"
-                             (dk, n), fp32, with dW = R U^T in (dh, dk) orientation, or
+      update.safetensors     per layer either "layers.{l}.R" (dh, r) and "layers.{l}.U"
+                             (dk, r), fp32, with dW = R U^T in (dh, dk) orientation (r = n,
+                             or dh where the engine solved for dW^T: R = I), or
                              "layers.{l}.delta", the dense fp32 update in the weight's own
                              layout ((dk, dh) for GPT-2's Conv1D) -- whichever is smaller
+      keys.safetensors       "layers.{l}.keys": the keys K (dk, n) fp32 each update was
+                             solved for (what Editor.remember needs)
       originals.safetensors  "layers.{l}.weight": the weights before the edit, in their own
                              dtype and layout (only with include_originals=True)
 
@@ -265,7 +268,8 @@ def save_edit(
 
     Args:
         result: what :meth:`Editor.apply` returned. It must still hold its original weights
-            (every ``EditResult`` from the engine does, reverted or not).
+            (every ``EditResult`` from the engine does, reverted or not, except on layers
+            where an earlier edit's ``revert(force=True)`` undid it).
         path: a directory; created (parents too). Written to a temporary sibling and moved
             into place in one rename, so a crash never leaves half an edit.
         include_originals: also store the weights of the edited layers as they were before
@@ -292,7 +296,8 @@ def save_edit(
     if missing:
         raise ValueError(
             f"save_edit: the EditResult holds no original weights for layers {missing}; "
-            "save it from the result Editor.apply returned"
+            "save it from the result Editor.apply returned, before an earlier edit's "
+            "revert(force=True) undoes it there"
         )
     model = adapter.model
     config_dict, config_sha = model_config_fingerprint(model)
@@ -400,8 +405,9 @@ class LoadedEdit:
         weight_names: per layer, the parameter written.
         transposed: whether the weights are stored ``(dk, dh)`` (GPT-2's Conv1D).
         kinds: per layer, ``"factors"`` or ``"dense"``: what the file holds.
-        factors: ``{layer: (R (dh, n) fp32, U (dk, n) fp32)}`` for the layers stored as
-            factors.
+        factors: ``{layer: (R (dh, r) fp32, U (dk, r) fp32)}`` for the layers stored as
+            factors (``r = n``, or ``dh`` with ``R = I`` where the engine solved for
+            ``dW^T``).
         keys: ``{layer: K (dk, n) fp32}``, the keys each update was solved for (what
             :meth:`Editor.remember` needs to continue sequential editing).
         has_originals: whether :meth:`revert` is possible.

@@ -193,15 +193,23 @@ def add_eval_parser(sub) -> None:
         default="auto",
         help="metric set (default: zsre for zsRE data, else counterfact)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="sequences per forward pass (default: 32)"
+    )
     p.add_argument(
         "--generation",
         action="store_true",
-        help="also generate from generation_prompts and report n-gram entropy",
+        help="also generate from generation_prompts and report n-gram entropy (CounterFact "
+        "metrics only)",
     )
-    p.add_argument("--max-length", type=int, default=100, help="generation length in tokens")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=100,
+        help="generation length in tokens, prompt included (default: 100)",
+    )
     p.add_argument("--top-k", type=int, default=None, help="sample top-k (default: greedy)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", help="write the full result (with per-record figures) as JSON")
     p.set_defaults(func=run_eval)

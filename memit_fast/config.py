@@ -93,7 +93,9 @@ class EditConfig:
 
     Statistics:
         stats_samples: number of corpus texts; stats_max_length: tokens per text (``None``:
-        the model's context length); stats_batch_size: texts per forward pass;
+        the model's context length, for LongRoPE models their original context, 1024
+        where the configuration names none; never beyond the context);
+        stats_batch_size: texts per forward pass;
         stats_dtype: accumulator dtype, one of :data:`STATS_DTYPES`.
 
     Engine:

@@ -647,13 +647,15 @@ def load_counterfact(
     Full format (``requested_rewrite``): the template, subject, ``target_new.str`` and
     ``target_true.str`` are taken as they are; ``paraphrase_prompts``,
     ``neighborhood_prompts`` (answered by ``target_true``: ``neighborhood_targets`` stays
-    empty) and ``generation_prompts`` carry over; ``attribute_prompts`` and ids go to
-    ``extra``.
+    empty, unless every item is a ``{"prompt", "target"}`` object) and
+    ``generation_prompts`` carry over; ``attribute_prompts`` and ids go to ``extra``.
 
     Reduced format (``prompt`` with the subject written out): the template is the prompt
     with the subject replaced by ``{}``; ``ground_truth`` is ``target_true``;
     ``rephrase_prompt`` gives the paraphrases; ``locality_prompt`` the neighborhood with
     ``neighborhood_targets = locality_ground_truth``.
+
+    In both, ``case_id`` is the record's, else its index in the file.
 
     Raises :class:`EditRequestError` listing every malformed record by index and field;
     with ``errors="skip"`` such records are left out instead (and logged as a warning).
@@ -701,6 +703,9 @@ def load_zsre(
     return _load(records, "zsre", name, errors, target=target, loc_q=loc_question_mark)
 
 
+_FORMATS = ("counterfact", "counterfact_reduced", "zsre", "requests")
+
+
 def load_requests(
     path: str | os.PathLike,
     n: int | None = None,
@@ -716,13 +721,16 @@ def load_requests(
     same fact twice. ``errors="skip"`` leaves malformed records out (logged) instead of
     raising :class:`EditRequestError`.
     """
+    if format is not None and format not in _FORMATS:
+        raise ValueError(
+            f"load_requests: format {format!r} is unknown; use one of {', '.join(_FORMATS)} "
+            "or None (detect)"
+        )
     name = os.path.basename(os.fspath(path))
     records = _take(read_records(path), n, name)
     fmt = format or detect_format(records)
     if fmt == "zsre":
         return _load(records, "zsre", name, errors, target="answers", loc_q=True)
-    if fmt not in ("counterfact", "counterfact_reduced", "requests"):
-        raise ValueError(f"unknown format {fmt!r}")
     out = _load(records, fmt, name, errors)
     if fmt == "requests":
         for r in out:
@@ -732,7 +740,9 @@ def load_requests(
 
 def save_requests(requests: Iterable[EditRequest], path: str | os.PathLike) -> None:
     """Write requests as plain records (:meth:`EditRequest.to_dict`): JSONL if the path
-    ends in ``.jsonl``, else a JSON list. :func:`load_requests` reads them back equal."""
+    ends in ``.jsonl``, else a JSON list. :func:`load_requests` reads them back equal, except
+    that a request without a ``case_id`` gets its position in the file (as every plain
+    record does) and ``extra`` is not written (it is not compared)."""
     path = os.fspath(path)
     recs = [r.to_dict() for r in requests]
     with open(path, "w", encoding="utf-8") as f:

@@ -118,6 +118,17 @@ class EditResult:
     _fingerprints: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     reverted: bool = False
 
+    def __repr__(self) -> str:
+        # A summary: the fields hold every request, factor and target vector.
+        state = "reverted" if self.reverted else "applied"
+        total = self.timings.get("total")
+        took = f", {total:.2f} s" if isinstance(total, (int, float)) else ""
+        n = len(self.requests)
+        return (
+            f"EditResult({n} request{'' if n == 1 else 's'}, layers {list(self.layers)}, solver "
+            f"{self.config.solver!r}, {state}{took})"
+        )
+
     def delta(self, layer: int) -> torch.Tensor:
         """The dense fp32 update of ``layer`` in the weight's own layout."""
         R, U = self.factors[layer]
@@ -129,7 +140,8 @@ class EditResult:
         return {l: self.delta(l) for l in self.layers}
 
     def request_figures(self) -> list[dict[str, Any]]:
-        """One dict per request: final loss, nll, kl, steps used, target probability."""
+        """One dict per request: ``case_id``, final ``loss``, ``nll``, ``kl``, ``steps``
+        used, ``target_prob`` and ``delta_norm`` (``||z - h||``, :class:`TargetResult`)."""
         t = self.targets
         # One copy to the host per figure, not one per request and figure.
         loss, nll, kl = t.loss.tolist(), t.nll.tolist(), t.kl.tolist()
