@@ -22,8 +22,11 @@ class ArchSpec:
 
     blocks: str  # ModuleList of transformer blocks
     mlp_out: str  # relative to a block: the MLP output projection
-    final_norm: str
+    final_norm: str  # a model whose attribute there is ``None`` has none (OPT-350m)
     transposed: bool = False  # weight stored (dk, dh) as in GPT-2's Conv1D
+    # Applied after the final norm where the model has it (``None`` there: it has not), as
+    # OPT-350m's ``project_out`` to the embedding width.
+    final_proj: str | None = None
 
 
 # model_type (config.model_type) -> spec
@@ -51,11 +54,38 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "exaone4": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
     "arcee": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
     "apertus": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "nemotron": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "glm4": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "ernie4_5": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "helium": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "ministral": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "ministral3": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "seed_oss": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "hunyuan_v1_dense": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "jais2": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "vaultgemma": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "granite_swa": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "hyperclovax": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "bitnet": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "nanochat": ArchSpec("model.layers", "mlp.fc2", "model.norm"),
     "starcoder2": ArchSpec("model.layers", "mlp.c_proj", "model.norm"),
     "phi": ArchSpec("model.layers", "mlp.fc2", "model.final_layernorm"),
     "falcon": ArchSpec("transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
     "bloom": ArchSpec("transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
     "gpt_bigcode": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "gpt_neo": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "codegen": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f"),
+    "ctrl": ArchSpec("transformer.h", "ffn.2", "transformer.layernorm"),
+    "mpt": ArchSpec("transformer.blocks", "ffn.down_proj", "transformer.norm_f"),
+    "opt": ArchSpec(
+        "model.decoder.layers",
+        "fc2",
+        "model.decoder.final_layer_norm",
+        final_proj="model.decoder.project_out",
+    ),  # fmt: skip
+    "xglm": ArchSpec("model.layers", "fc2", "model.layer_norm"),
+    "biogpt": ArchSpec("biogpt.layers", "fc2", "biogpt.layer_norm"),
+    "persimmon": ArchSpec("model.layers", "mlp.dense_4h_to_h", "model.final_layernorm"),
     # Image-text models edited through their language model (text-only prompts).
     "gemma3": ArchSpec("model.language_model.layers", "mlp.down_proj", "model.language_model.norm"),
 }
@@ -85,6 +115,13 @@ class ModelAdapter:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if spec is None:
             if model_type not in ARCH_SPECS:
+                experts = _experts(model)
+                if experts is not None:
+                    raise UnsupportedArchitectureError(
+                        f"model_type {model_type!r} is a mixture of experts ({experts!r}): its "
+                        "MLP has one output projection per expert, not the single one MEMIT "
+                        "edits; mixture-of-experts models are not supported"
+                    )
                 raise UnsupportedArchitectureError(
                     f"model_type {model_type!r} has no built-in adapter (known: "
                     f"{', '.join(sorted(ARCH_SPECS))}); pass "
@@ -97,12 +134,17 @@ class ModelAdapter:
         self.model_type = model_type
         try:
             self.blocks = get_submodule(model, spec.blocks)
-            self.final_norm = get_submodule(model, spec.final_norm)
-            self.mlp_out(0)
-        except AttributeError as e:
+            # A post-norm model (OPT-350m) has ``None`` where the final norm would be.
+            norm = get_submodule(model, spec.final_norm)
+            self.final_norm = nn.Identity() if norm is None else norm
+            self.final_proj = get_submodule(model, spec.final_proj) if spec.final_proj else None
+            for layer in range(len(self.blocks)):
+                self.mlp_out(layer)
+        except (AttributeError, TypeError) as e:
             raise UnsupportedArchitectureError(
                 f"model of type {type(model).__name__} does not match the adapter {spec}: {e}"
             ) from e
+        self._check_projections()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is None:
             raise UnsupportedArchitectureError(f"{type(model).__name__} has no output head")
@@ -123,6 +165,8 @@ class ModelAdapter:
         the final norm, the head, and the model's own post-processing of the logits."""
         norm_dev = next((p.device for p in self.final_norm.parameters()), hidden.device)
         h = self.final_norm(hidden.to(norm_dev))
+        if self.final_proj is not None:
+            h = self.final_proj(h.to(self.final_proj.weight.device))
         logits = self.head(h.to(self.head.weight.device))
         if self.logit_multiplier != 1.0:
             logits = logits * self.logit_multiplier
@@ -149,7 +193,15 @@ class ModelAdapter:
         finally:
             handle.remove()
         want = (out.logits if hasattr(out, "logits") else out[0]).float()
-        mine = self.logits(got["h"]).float().to(want.device)
+        try:
+            mine = self.logits(got["h"]).float().to(want.device)
+        except RuntimeError as e:  # widths that do not fit (a projection the spec omits)
+            raise UnsupportedArchitectureError(
+                f"{type(self.model).__name__}: the last block's output through "
+                f"{self.spec.final_norm!r} and the output head does not give the model's "
+                f"own logits ({e}). Check ArchSpec.final_norm and ArchSpec.final_proj, or "
+                "report the architecture"
+            ) from e
         diff = float((mine - want).norm() / want.norm().clamp_min(1e-30))
         if rtol is None:
             rtol = 1e-5 if self.head.weight.dtype in (torch.float32, torch.float64) else 2e-2
@@ -162,6 +214,37 @@ class ModelAdapter:
                 "ArchSpec.final_norm, or report the architecture"
             )
         return diff
+
+    def _check_projections(self) -> None:
+        """Every block's ``mlp_out`` is one module with a 2-D weight, of one shape in all
+        blocks (a dense MLP's output projection, not a set of experts' weights)."""
+        shapes = set()
+        for layer in range(self.n_layers):
+            mod = self.mlp_out(layer)
+            w = getattr(mod, "weight", None) if isinstance(mod, nn.Module) else None
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                what = (
+                    f"a {type(mod).__name__} with a weight of shape {tuple(w.shape)}"
+                    if isinstance(w, torch.Tensor)
+                    else f"a {type(mod).__name__} without a weight"
+                )
+                experts = _experts(self.model)
+                raise UnsupportedArchitectureError(
+                    f"{type(self.model).__name__}: mlp_out {self.spec.mlp_out!r} of block "
+                    f"{layer} is {what}, not a projection with a 2-D weight"
+                    + (
+                        f"; the model is a mixture of experts ({experts!r}), which MEMIT's "
+                        "single projection per block does not cover"
+                        if experts is not None
+                        else ""
+                    )
+                )
+            shapes.add(tuple(w.shape))
+        if len(shapes) > 1:
+            raise UnsupportedArchitectureError(
+                f"{type(self.model).__name__}: the blocks' mlp_out {self.spec.mlp_out!r} "
+                f"weights differ in shape ({sorted(shapes)}); the adapter takes one key width"
+            )
 
     @property
     def n_layers(self) -> int:
@@ -230,6 +313,15 @@ def text_config(model):
     cfg = getattr(model, "config", model)  # (a configuration has no ``config``)
     get = getattr(cfg, "get_text_config", None)
     return get() if callable(get) else cfg
+
+
+def _experts(model: nn.Module) -> str | None:
+    """The name of a mixture-of-experts submodule of ``model`` (``...experts``, a router's
+    experts), or ``None`` if it has none."""
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("experts", "block_sparse_moe", "moe"):
+            return name
+    return None
 
 
 def _positive(x) -> float | None:

@@ -25,6 +25,7 @@ from memit_fast.keys import (
     eval_mode,
     input_device,
     keys_and_hidden,
+    mlp_output_gain,
     pad_id,
 )
 from memit_fast.stats import (
@@ -70,6 +71,29 @@ _TEMPLATE_FIELDS = (
     "context_template_top_k",
     "context_template_seed",
 )
+
+
+# Weight in C of a key coordinate that is zero on every statistics token, relative to the
+# mean of C's diagonal (see _live).
+DEAD_COORDINATE_WEIGHT = 1e-6
+
+
+def _live(C: torch.Tensor, layer: int) -> torch.Tensor:
+    """``C`` with a small positive diagonal where it is exactly zero: a key coordinate that no
+    statistics token activates (a dead ReLU unit, common in OPT) has a zero row and column,
+    which would make ``lambda C`` singular. Changing the weights it multiplies costs nothing
+    on the statistics, so its preservation weight is ``DEAD_COORDINATE_WEIGHT`` times C's
+    mean diagonal: decoupled from the other coordinates, it stays unchanged unless the
+    edited keys use it. ``C`` itself is returned where no coordinate is dead."""
+    d = C.diagonal()
+    dead = d == 0
+    n_dead = int(dead.sum())
+    if n_dead == 0 or n_dead == d.numel():
+        return C
+    log.info("layer %d: %d key coordinates are zero on every statistics token", layer, n_dead)
+    out = C.clone()
+    out.diagonal()[dead] = DEAD_COORDINATE_WEIGHT * d.mean()
+    return out
 
 
 class EditFailedError(RuntimeError):
@@ -267,6 +291,8 @@ class Editor:
         # Per layer, from the fixed statistics: AlphaEdit's null-space basis, ROME's factor of C.
         self._nullspace: dict[int, torch.Tensor] = {}
         self._rome_factor: dict[int, torch.Tensor] = {}
+        # Per layer, how the block's output moves with the MLP projection's (mlp_output_gain).
+        self._gains: dict[int, float | None] = {}
         # The edits whose keys later applies protect, written or remembered (_Written). Held
         # weakly: a dropped result's keys still protect its edit (it is still applied), but
         # its copy of the original weights is freed.
@@ -304,6 +330,7 @@ class Editor:
                 "accelerate leaves CPU- or disk-offloaded modules); load the model with those "
                 "layers on a device (no offloading) to edit them"
             )
+        self._check_writable(config.layers)
         old, self._config = self._config, config
         if old is None:
             return  # __init__ sets up the caches
@@ -317,11 +344,29 @@ class Editor:
         self._nullspace.clear()
         self._rome_factor.clear()
 
+    def _check_writable(self, layers: Sequence[int]) -> None:
+        """The edited weights are the modules' own tensors: a weight computed on access (a
+        ``torch.nn.utils.parametrize`` parametrization, weight norm) would take the update
+        in a temporary copy, and the model would not change."""
+        computed = []
+        for l in layers:
+            mod, W = self.adapter.mlp_out(l), self.adapter.weight(l)
+            if not any(t is W for t in (mod._parameters.get("weight"), mod._buffers.get("weight"))):
+                computed.append(l)
+        if computed:
+            raise ValueError(
+                f"layers {computed}: the weight of {self.adapter.spec.mlp_out!r} is computed "
+                "on access (a parametrization such as weight norm), so an update written to it "
+                "would not reach the model; remove the parametrization (e.g. "
+                "torch.nn.utils.parametrize.remove_parametrizations) to edit these layers"
+            )
+
     # ------------------------------------------------------------------ solver state
 
     def _solver(self, layer: int, C: torch.Tensor) -> linalg.LayerSolver:
         """The layer's solver: the factor of ``lambda C`` plus the remembered keys."""
         if layer not in self._solvers:
+            C = _live(C, layer)
             try:
                 s = linalg.LayerSolver(C, self.config.mom2_update_weight, name=f"layer {layer}")
             except linalg.IllConditionedError as e:
@@ -337,6 +382,23 @@ class Editor:
                 s.commit(torch.cat(old, dim=1))
             self._solvers[layer] = s
         return self._solvers[layer]
+
+    def _gain(self, layer: int, ids) -> float | None:
+        """:func:`memit_fast.keys.mlp_output_gain` of ``layer``, measured once per Editor."""
+        if layer not in self._gains:
+            g = mlp_output_gain(self.model, self.adapter, layer, ids)
+            if g is None:
+                log.warning(
+                    "layer %d: the block transforms its MLP's output further (a norm after "
+                    "the MLP or after the residual sum): each layer's update moves the "
+                    "block's output only approximately as MEMIT intends; the later layers "
+                    "of the edit correct part of it",
+                    layer,
+                )
+            elif abs(g - 1.0) > 1e-2:
+                log.info("layer %d: the block scales its MLP's output by %.4g", layer, g)
+            self._gains[layer] = g
+        return self._gains[layer]
 
     def _solve_other(self, l, C, K, R, k_all, n, T, sources) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors ``(R, U)`` of layer ``l``'s update for ``config.solver`` other than
@@ -363,7 +425,7 @@ class Editor:
                 )
             elif c.solver == "rome":
                 if l not in self._rome_factor:
-                    self._rome_factor[l] = solvers.rome_factor(C)
+                    self._rome_factor[l] = solvers.rome_factor(_live(C, l))
                 K_bare = k_all.reshape(n, T, -1)[:, 0].T
                 R64, U = solvers.rome_solve(self._rome_factor[l], Kc, K_bare, R, sources)
                 R = R64.to(R.device, R.dtype)
@@ -648,6 +710,7 @@ class Editor:
                 "Editor.apply cannot run under torch.inference_mode(): the target vectors are "
                 "optimized with autograd; call it outside that context"
             )
+        self._check_writable(self.config.layers)
         timings: dict[str, float] = {}
         t0 = _clock()
         reqs, sources = normalize_requests(requests, with_indices=True)
@@ -683,10 +746,15 @@ class Editor:
             progress=self.progress,
         )
         timings["targets"] = _clock() - tick
-        bad = [sources[i] for i in (~torch.isfinite(tr.z).all(dim=1)).nonzero().flatten().tolist()]
+        finite = torch.isfinite(tr.z).all(dim=1) & torch.isfinite(tr.loss).to(tr.z.device)
+        bad = [sources[i] for i in (~finite).nonzero().flatten().tolist()]
         if bad:
+            hint = ""
+            if ad.weight(L).dtype == torch.float16:
+                hint = "; a float16 model's forward may overflow: load it in bfloat16 or float32"
             raise EditFailedError(
-                f"target vectors of requests {bad} are not finite; lower lr or check the model"
+                f"target vectors of requests {bad} are not finite (their loss or vector); "
+                f"lower lr or check the model{hint}"
             )
 
         # Sequences for the keys: every request under every context template, up to the
@@ -725,6 +793,11 @@ class Editor:
                 tick = _clock()
                 Z = tr.z.to(H.device)
                 R = ((Z - H) / (len(layers) - j)).T.contiguous()  # (dh, n)
+                gain = self._gain(l, seqs[0])
+                if gain is not None and abs(gain - 1.0) > 1e-2:
+                    # The block scales its MLP's output (Granite, MiniCPM 3): the projection
+                    # must move by R / gain for the block's output to move by R.
+                    R = R / gain
                 C = stats[l].mom2
                 if c.solver == "memit":
                     solver = self._solver(l, C)

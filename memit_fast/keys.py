@@ -292,6 +292,48 @@ class BlockRunner:
         return hidden
 
 
+@torch.no_grad()
+def mlp_output_gain(model, adapter: ModelAdapter, layer: int, ids: Sequence[int]) -> float | None:
+    """How block ``layer``'s output moves with its MLP projection's output: ``g`` where adding
+    ``d`` to the projection's output adds ``g d`` to the block's output. 1 for the usual
+    ``h + mlp(x)``; Granite's ``residual_multiplier`` and MiniCPM 3's depth scale multiply
+    the MLP's output before the residual sum. ``None`` where no one factor holds: a norm
+    after the MLP (Gemma 2/3, OLMo 2) or after the residual sum (post-norm OPT).
+
+    Measured on the token sequence ``ids``: the block runs twice on its captured input, once
+    with a random ``d`` (the size of the block's output) added to the projection's output; a
+    block that is linear in it gives ``g`` to rounding."""
+    dev = input_device(model)
+    runner = BlockRunner(adapter, layer, layer + 1)
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(mod, args, kwargs):
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+        raise StopForward
+
+    ids_t = torch.tensor([list(ids)], dtype=torch.long, device=dev)
+    handles = runner.capture_hooks()
+    handles.append(adapter.block(layer).register_forward_pre_hook(grab, with_kwargs=True))
+    with hooks(handles):
+        forward_until(model, ids_t, torch.ones_like(ids_t))
+    base = runner.run(got["h"])
+    gen = torch.Generator().manual_seed(0)
+    scale = float(base.float().std()) or 1.0
+    d = (torch.randn(base.shape, generator=gen, dtype=torch.float32) * scale).to(base.device)
+
+    def add(mod, args, out):
+        return out + d.reshape(out.shape).to(out.device, out.dtype)
+
+    with hooks([adapter.mlp_out(layer).register_forward_hook(add)]):
+        moved = runner.run(got["h"])
+    dd = d.double().reshape(-1)
+    dh = (moved.double() - base.double()).reshape(-1).to(dd.device)
+    g = float(dh @ dd / (dd @ dd))
+    err = float((dh - g * dd).norm() / dh.norm().clamp_min(1e-300))
+    tol = 1e-3 if base.dtype in (torch.float32, torch.float64) else 5e-2
+    return g if err <= tol and 1e-3 <= g <= 1e3 else None
+
+
 # ----------------------------------------------------------------------------- keys and hidden
 
 
@@ -338,9 +380,12 @@ def keys_and_hidden(
             hid_dev, non_blocking=True
         )
         got: dict[str, torch.Tensor] = {}
+        nb = len(pos_list)
 
-        def key_hook(mod, args, key_pos=key_pos, got=got):
+        def key_hook(mod, args, key_pos=key_pos, got=got, b=nb):
             x = args[0]
+            if x.dim() == 2:  # OPT's MLP takes the batch's tokens flattened
+                x = x.view(b, -1, x.shape[-1])
             rows = torch.arange(x.shape[0], device=x.device)
             got["k"] = x[rows, key_pos.to(x.device)].float()
             if key_stops:

@@ -37,6 +37,14 @@ def blocks_of(model):
     raise NotImplementedError(mt)
 
 
+def residual_branch_multiplier(cfg) -> float:
+    """What a family's blocks multiply their MLP's output by before adding it to the residual
+    stream, from its config (1 for most)."""
+    if cfg.model_type == "minicpm3":
+        return cfg.scale_depth / cfg.num_hidden_layers**0.5
+    return float(getattr(cfg, "residual_multiplier", 1.0))
+
+
 def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
@@ -221,7 +229,10 @@ def ref_memit(
         ks, hs = zip(*[ref_key_and_hidden(model, tok, r, templates, l, L) for r in requests])
         K = torch.stack(ks, 1)
         H = torch.stack(hs, 1)
-        R = (Z - H) / (len(layers) - j)
+        # The block output moves by the projection's output times the residual branch's
+        # multiplier (Granite's residual_multiplier, MiniCPM 3's depth scale; read from the
+        # config): the projection must move by R / multiplier.
+        R = (Z - H) / (len(layers) - j) / residual_branch_multiplier(model.config)
         A = lam * stats[l].double() + K @ K.T
         U = torch.linalg.solve(A, K)
         if systems is not None:
