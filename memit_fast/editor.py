@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -99,6 +100,18 @@ def _live(C: torch.Tensor, layer: int) -> torch.Tensor:
 class EditFailedError(RuntimeError):
     """The edit could not be computed (non-finite values, ill-conditioned solve). The model's
     weights are as they were before ``apply``."""
+
+
+@contextlib.contextmanager
+def _without_autocast():
+    """A caller's ``torch.autocast`` switched off inside: the keys, hidden states and target
+    vectors are computed in the model's own dtype (under a bfloat16 autocast the last layer's
+    update of a two-layer edit of an fp32 model was off by more than its own size)."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def weight_fingerprint(W: torch.Tensor) -> torch.Tensor:
@@ -359,6 +372,19 @@ class Editor:
                 "on access (a parametrization such as weight norm), so an update written to it "
                 "would not reach the model; remove the parametrization (e.g. "
                 "torch.nn.utils.parametrize.remove_parametrizations) to edit these layers"
+            )
+
+    def _check_pad(self) -> None:
+        """The id that pads the batches (masked, but still looked up in the embedding table)
+        is one of the model's tokens."""
+        pad = pad_id(self.tokenizer)
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        if not 0 <= pad < rows:
+            raise ValueError(
+                f"the tokenizer's pad token id {pad} is outside the model's embedding table "
+                f"({rows} tokens): a pad token added to the tokenizer but not to the model; "
+                "call model.resize_token_embeddings(len(tokenizer)), or set "
+                "tokenizer.pad_token = tokenizer.eos_token"
             )
 
     # ------------------------------------------------------------------ solver state
@@ -711,10 +737,11 @@ class Editor:
                 "optimized with autograd; call it outside that context"
             )
         self._check_writable(self.config.layers)
+        self._check_pad()
         timings: dict[str, float] = {}
         t0 = _clock()
         reqs, sources = normalize_requests(requests, with_indices=True)
-        with eval_mode(self.model):
+        with eval_mode(self.model), _without_autocast():
             self._check_head()
             tick = _clock()
             templates = self.context_templates()

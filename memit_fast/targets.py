@@ -564,7 +564,9 @@ def optimize_chunk(
             loss_last = torch.where(active, loss.detach(), loss_last)
             nll_last = torch.where(active, nll.detach(), nll_last)
             kl_last = torch.where(active, kl.detach(), kl_last)
-            active = active & (loss.detach() >= settings.early_stop_loss)
+            # A non-finite loss (an overflow in the forward) is not a converged one: the
+            # request stays active, and its loss and vector say so to the caller.
+            active = active & ~(loss.detach() < settings.early_stop_loss)
             if it == settings.steps - 1:
                 break
             if settings.sync_every and (it + 1) % settings.sync_every == 0:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from tiny import CORPUS, make_gpt2, make_llama, make_tokenizer
+from tiny import CORPUS, bpe_tokenizer, make_gpt2, make_llama, make_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -50,17 +50,7 @@ def sp_tokenizer(eos: bool = False) -> PreTrainedTokenizerFast:
 def merging_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE without the word-splitting regex: merges cross spaces, so a prompt's
     last token can merge with the target's first ("is" + " Paris" -> "is " + "Paris")."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    return bpe_tokenizer(CORPUS, use_regex=False)
 
 
 def prompt_ids(tok, prompt: str) -> list[int]:

@@ -76,11 +76,11 @@ def exact_config(**kw) -> EditConfig:
     return EditConfig(**base)
 
 
-@functools.cache
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style) trained on the words of the test data."""
+def bpe_tokenizer(texts, use_regex: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) of 400 tokens trained on ``texts``; without
+    ``use_regex`` its merges cross word boundaries."""
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
@@ -88,11 +88,17 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = list(CORPUS) + [
-        r["prompt"].replace("{}", r["subject"]) + " " + r["target"] for r in REQUESTS
-    ]
-    tk.train_from_iterator(texts, trainer)
+    tk.train_from_iterator(list(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+@functools.cache
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the words of the test data."""
+    return bpe_tokenizer(
+        list(CORPUS)
+        + [r["prompt"].replace("{}", r["subject"]) + " " + r["target"] for r in REQUESTS]
+    )
 
 
 # The sizes of the 4-block models of the Llama layout (configs that take Llama's names).
