@@ -193,6 +193,12 @@ class ModelAdapter:
         finally:
             handle.remove()
         want = (out.logits if hasattr(out, "logits") else out[0]).float()
+        if not bool(torch.isfinite(want).all()):
+            raise ValueError(
+                f"{type(self.model).__name__}: the model's own forward gives non-finite logits "
+                f"on a probe text ({self.head.weight.dtype}): the model's weights hold NaN/Inf, "
+                "or its forward overflows (float16: load it in bfloat16 or float32)"
+            )
         try:
             mine = self.logits(got["h"]).float().to(want.device)
         except RuntimeError as e:  # widths that do not fit (a projection the spec omits)

@@ -414,3 +414,22 @@ def test_pad_token_added_to_the_tokenizer_only():
     res = ed.apply(REQS)
     for l, want in reference("gpt2").items():
         torch.testing.assert_close(res.delta(l), want, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_logits_of_the_model_itself_are_named():
+    """A model whose own forward gives NaN logits (a NaN in a weight) is refused with that
+    cause, not as an architecture whose logits the adapter fails to reproduce."""
+    from tiny import make_gpt2, make_tokenizer
+
+    from memit_fast import EditConfig, Editor
+
+    model = make_gpt2()
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    bits = {k: v.clone().view(torch.int32) for k, v in model.state_dict().items()}
+    ed = Editor(
+        model, make_tokenizer(), EditConfig(layers=(1,), steps=1), stats={1: torch.eye(256)}
+    )
+    with pytest.raises(ValueError, match="own forward gives non-finite logits"):
+        ed.apply([{"prompt": "{} plays", "subject": "LeBron James", "target": "football"}])
+    assert all(torch.equal(v.view(torch.int32), bits[k]) for k, v in model.state_dict().items())
