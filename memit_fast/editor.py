@@ -366,6 +366,18 @@ class Editor:
             mod, W = self.adapter.mlp_out(l), self.adapter.weight(l)
             if not any(t is W for t in (mod._parameters.get("weight"), mod._buffers.get("weight"))):
                 computed.append(l)
+        quantized = {
+            l: str(self.adapter.weight(l).dtype)
+            for l in layers
+            if l not in computed and not self.adapter.weight(l).is_floating_point()
+        }
+        if quantized:
+            raise ValueError(
+                f"layers {sorted(quantized)}: the weight of {self.adapter.spec.mlp_out!r} is "
+                f"{sorted(set(quantized.values()))[0]}, not floating point (a quantized or "
+                "packed model): MEMIT adds a dense float update; load the model unquantized "
+                "(float32, bfloat16 or float16) to edit it"
+            )
         if computed:
             raise ValueError(
                 f"layers {computed}: the weight of {self.adapter.spec.mlp_out!r} is computed "

@@ -433,3 +433,19 @@ def test_non_finite_logits_of_the_model_itself_are_named():
     with pytest.raises(ValueError, match="own forward gives non-finite logits"):
         ed.apply([{"prompt": "{} plays", "subject": "LeBron James", "target": "football"}])
     assert all(torch.equal(v.view(torch.int32), bits[k]) for k, v in model.state_dict().items())
+
+
+def test_quantized_weight_is_refused():
+    """A projection whose weight is stored as integers (a quantized or packed checkpoint) is
+    refused when the Editor is made, naming the layer and the dtype; nothing is touched."""
+    from tiny import make_gpt2, make_tokenizer
+
+    from memit_fast import EditConfig, Editor
+
+    model = make_gpt2()
+    proj = model.transformer.h[1].mlp.c_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach().to(torch.int8), requires_grad=False)
+    bits = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers \[1\].*torch.int8, not floating point"):
+        Editor(model, make_tokenizer(), EditConfig(layers=(1,), steps=1))
+    assert all(torch.equal(v, bits[k]) for k, v in model.state_dict().items())
