@@ -210,10 +210,13 @@ def test_mlp_out_is_the_mlp_output_projection(model_type):
             assert torch.allclose(got["block", l].reshape(-1, dh), want, atol=1e-6), l
 
 
-@pytest.mark.parametrize(
-    "model_type",
-    sorted(NEW),
-)
+# A norm after the MLP's output: no one factor relates the projection's output to the block's
+# (keys.mlp_output_gain is None), so each layer's update lands only approximately. Measured
+# distance ratios after the edit: 0.59-0.63 for these, 0.003-0.26 for the other families.
+NORM_AFTER_MLP = {"glm4", "hyperclovax"}
+
+
+@pytest.mark.parametrize("model_type", sorted(NEW))
 def test_edit_moves_the_target_and_reverts(model_type):
     """A real edit through the Editor (statistics from the corpus): the head check passes, the
     last edited block's output at the subject's last token moves to the optimized target, the
@@ -246,7 +249,8 @@ def test_edit_moves_the_target_and_reverts(model_type):
     after = [subject_hidden(r, p) for r, p in zip(reqs, pos)]
     z = res.targets.z
     for i, ((lp0, h0), (lp1, h1)) in enumerate(zip(before, after)):
-        assert float((h1 - z[i]).norm()) < 0.75 * float((h0 - z[i]).norm()), i
+        ratio = float((h1 - z[i]).norm()) / float((h0 - z[i]).norm())
+        assert ratio < (0.75 if model_type in NORM_AFTER_MLP else 0.35), (i, ratio)
         assert lp1 != lp0, i
     assert sum(a for a, _ in after) > sum(b for b, _ in before) + 0.1, (before, after)
     edited = {ad.weight_name(l) for l in (1, 2)}

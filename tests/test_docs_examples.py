@@ -221,7 +221,7 @@ def test_cli_bench_runs_every_bench_script(capsys):
         assert f"bench_{name}.py" in capsys.readouterr().out
 
 
-def test_readme_command_line(tmp_path, capsys):
+def test_readme_command_line(tmp_path, capsys, monkeypatch):
     """``stats`` precomputes what ``edit`` then reads; ``eval`` prints a table or JSON."""
     model_dir = tmp_path / "model"
     make_gpt2().save_pretrained(model_dir)
@@ -248,6 +248,11 @@ def test_readme_command_line(tmp_path, capsys):
 
     edit = ["edit", *base, *corpus, "--requests", str(tmp_path / "edits.json")]
     edit += ["--config", str(tmp_path / "config.json"), "--quiet", "--json"]
+
+    def no_pass(*a, **k):
+        raise AssertionError("edit recomputed the statistics that 'stats' had cached")
+
+    monkeypatch.setattr(memit_fast.editor, "collect_stats", no_pass)
     assert main([*edit, "--out", str(tmp_path / "edited")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["requests"] == 3 and summary["layers"] == [1, 2]

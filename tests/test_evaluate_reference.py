@@ -263,7 +263,9 @@ def test_bfloat16_scores_match_unpadded_reference():
         lp, _, ids = reference(model, tok, p, t)
         assert list(s.target_ids) == ids
         # bf16: padding changes the rounding of the matmuls, not the values
-        assert s.nll == pytest.approx(-sum(lp) / len(lp), abs=0.05)
+        # bf16 padding and batching moved the NLL by at most 7.3e-4 here; a bf16 log-softmax
+        # moves it by 4e-3 or more
+        assert s.nll == pytest.approx(-sum(lp) / len(lp), abs=2e-3)
 
 
 def test_pad_token_outside_the_vocabulary_and_left_padding():
@@ -362,7 +364,9 @@ def test_empty_and_partial_requests():
     # one part 0, others positive: the harmonic mean is 0
     res = counterfact_metrics(model, tok, AWKWARD[:2])
     ref = reference_counterfact(model, tok, AWKWARD[:2])
-    assert res["score"] == approx(ref["score"])
+    parts = [res[k] for k in ("efficacy_success", "paraphrase_success", "neighborhood_success")]
+    assert min(parts) == 0 and max(parts) > 0  # the premise
+    assert res["score"] == approx(ref["score"]) == 0
 
 
 @torch.no_grad()

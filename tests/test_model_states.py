@@ -249,8 +249,8 @@ def test_tied_embeddings():
 
 
 def test_every_state_at_once_survives_a_failing_apply():
-    """A request error in the middle of all these states leaves them and the weights as
-    they were."""
+    """A request error, and a failure after the first layer is written, in all these states
+    at once leave them and the weights as they were."""
     model = make_llama()
     for prep in STATES.values():
         prep(model)
@@ -258,6 +258,15 @@ def test_every_state_at_once_survives_a_failing_apply():
     ed = Editor(model, make_tokenizer(), cfg(), stats=stats_for(model))
     with torch.no_grad(), pytest.raises(EditRequestError, match="prompt"):
         ed.apply([REQS[1], dict(REQS[0], prompt="no place for the subject")])
+    assert_bit_identical(model, snap)
+    assert_same_state(model, before)
+    # A failure in the middle: the first layer is written, the last one's statistics are
+    # not positive definite.
+    stats = stats_for(model)
+    stats[LAYERS[-1]] = -stats[LAYERS[-1]]
+    ed = Editor(model, make_tokenizer(), cfg(), stats=stats)
+    with torch.no_grad(), pytest.raises(EditFailedError, match=f"layer {LAYERS[-1]}"):
+        ed.apply(REQS)
     assert_bit_identical(model, snap)
     assert_same_state(model, before)
 

@@ -305,8 +305,9 @@ def test_rome_matches_sequential_reference(dk, n, cond, dup, dtype):
     ref, own = ref_rome(W, V, K, K_bare, C)
     tol = 1e-8 if cond > 1e6 else 1e-12
     assert rel(dW, ref) <= tol, rel(dW, ref)
-    # ROME's promise, W' k* = v*: each write reads its target (reference), and the last
-    # request still does after the whole update.
+    # ROME's promise, W' k* = v*: the sequential reference's own writes read their targets
+    # (a check of the reference itself), and the last request still does after the engine's
+    # whole update.
     assert max(own) <= 1e-12
     assert rel((W + dW) @ K_bare[:, -1].double(), V[:, -1]) <= 1e-12
 
