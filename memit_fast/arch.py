@@ -201,6 +201,8 @@ class ModelAdapter:
             )
         try:
             mine = self.logits(got["h"]).float().to(want.device)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:  # widths that do not fit (a projection the spec omits)
             raise UnsupportedArchitectureError(
                 f"{type(self.model).__name__}: the last block's output through "

@@ -85,7 +85,9 @@ def _live(C: torch.Tensor, layer: int) -> torch.Tensor:
     which would make ``lambda C`` singular. Changing the weights it multiplies costs nothing
     on the statistics, so its preservation weight is ``DEAD_COORDINATE_WEIGHT`` times C's
     mean diagonal: decoupled from the other coordinates, it stays unchanged unless the
-    edited keys use it. ``C`` itself is returned where no coordinate is dead."""
+    edited keys use it, and where they do the update may use it almost freely, as the
+    published solve of ``lambda C + K K^T`` would. ``C`` itself is returned where no
+    coordinate is dead."""
     d = C.diagonal()
     dead = d == 0
     n_dead = int(dead.sum())
@@ -684,6 +686,7 @@ class Editor:
         missing = [l for l in layers if l not in self._stats]
         if not missing:
             return {l: self._stats[l] for l in layers}
+        self._check_pad()  # (the corpus pass pads its batches)
         c = self.config
         max_len = self.stats_length()
         source = self._stats_source()

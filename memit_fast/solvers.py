@@ -81,8 +81,8 @@ def emmet_solve(
     on the scale of the keys or of lambda) keeping the ``n x n`` solve stable. Without
     remembered keys lambda cancels. Keys that are linearly dependent (the same subject twice,
     more requests than ``dk``) make the constraints contradictory: the ridge then decides the
-    compromise, and where it is too small to matter (``ridge = 0``, or a key's share outside the
-    span of the keys before it under ``EMMET_DEPENDENT_PIVOT * n``) the solve is refused.
+    compromise. Without one (``ridge = 0``), a key whose share outside the span of the keys
+    before it is under ``EMMET_DEPENDENT_PIVOT * n`` makes the solve refuse.
 
     Args:
         solver: the layer's ``LayerSolver`` (its committed system is ``A``).
@@ -111,16 +111,20 @@ def emmet_solve(
     scale = float(D.diagonal().mean())
     D.diagonal().add_(ridge * scale)
     L, info = torch.linalg.cholesky_ex(D)
-    # Pivot i squared over D_ii is the share of key i (in the A^-1 inner product) outside
-    # the span of keys 0 … i-1: at rounding level the constraints are dependent and the
-    # solve would return noise amplified by 1 / pivot instead of failing.
+    # Without a ridge, pivot i squared over D_ii is the share of key i (in the A^-1 inner
+    # product) outside the span of keys 0 … i-1: at rounding level the constraints are
+    # dependent and the solve would return noise amplified by 1 / pivot instead of failing.
+    # A ridge bounds D's smallest eigenvalue below by ridge x its mean diagonal: the solve is
+    # stable and the ridge decides the compromise between dependent keys.
     failed = int(info) - 1 if int(info) != 0 else n  # cholesky_ex's info is 1-based
-    share = L.diagonal()[:failed] ** 2 / D.diagonal()[:failed]
-    low = (~(share > EMMET_DEPENDENT_PIVOT * n)).nonzero().flatten().tolist()
+    low: list[int] = []
+    if ridge == 0:
+        share = L.diagonal()[:failed] ** 2 / D.diagonal()[:failed]
+        low = (~(share > EMMET_DEPENDENT_PIVOT * n)).nonzero().flatten().tolist()
     if low or failed < n:
-        i = low[0] if low else failed
+        i = _named([low[0] if low else failed], names)[0]
         raise SolverError(
-            f"EMMET: the key of request {_named([i], names)[0]} is (to rounding) a linear combination of the keys "
+            f"EMMET: the key of request {i} is (to rounding) a linear combination of the keys "
             f"of requests before it (e.g. one subject in several requests, or more requests "
             f"than the key dimension {K64.shape[0]}), so K^T A^-1 K (+ emmet_ridge={ridge} x "
             "its mean diagonal) is singular and the equality constraints cannot be solved; "

@@ -419,6 +419,12 @@ def test_pad_token_added_to_the_tokenizer_only():
         ed.apply(REQS)
     assert_bit_identical(model, snap)
     assert_same_state(model, before)
+    # The statistics' corpus pass pads too: refused the same way.
+    from tiny import CORPUS
+
+    corpus_ed = Editor(model, tok, cfg(), corpus=list(CORPUS))
+    with pytest.raises(ValueError, match=r"pad token id 400 is outside"):
+        corpus_ed.key_stats()
     tok.pad_token = tok.eos_token
     res = ed.apply(REQS)
     for l, want in reference("gpt2").items():

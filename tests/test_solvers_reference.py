@@ -375,3 +375,19 @@ def test_editor_emmet_same_subject_twice_without_ridge():
     K = res.keys[2].double()
     assert torch.equal(K[:, 0], K[:, 2])
     assert rel(R.double() @ U.double().T, ref_emmet(R, K, C, LAM, 1e-6)) <= 1e-6
+
+
+@pytest.mark.slow
+def test_emmet_ridge_solves_ten_thousand_keys_with_a_large_one():
+    """10,000 keys in dk = 32 with the default ridge, the last key ten times the others: the
+    ridge keeps ``K^T A^-1 K + rho I`` well conditioned (the dependent-key check is for
+    ``ridge = 0``), so the solve goes through and matches the reference."""
+    dk, n = 32, 10000
+    C = torch.eye(dk, dtype=F64)
+    K = randn(dk, n, seed=71).float()
+    K[:, -1] *= 10
+    R = randn(2, n, seed=72)
+    s = linalg.LayerSolver(C, LAM)
+    dW = R @ solvers.emmet_solve(s, K, 1e-6).T
+    # K^T A^-1 K + rho I has a condition number near 4e8: 1.6e-6 measured
+    assert rel(dW, ref_emmet(R, K, C, LAM, 1e-6)) <= 1e-5
