@@ -66,7 +66,6 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "vaultgemma": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
     "granite_swa": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
     "hyperclovax": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
-    "bitnet": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
     "nanochat": ArchSpec("model.layers", "mlp.fc2", "model.norm"),
     "starcoder2": ArchSpec("model.layers", "mlp.c_proj", "model.norm"),
     "phi": ArchSpec("model.layers", "mlp.fc2", "model.final_layernorm"),

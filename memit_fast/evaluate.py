@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from memit_fast.data import EditRequest, EditRequestError, _coerce
-from memit_fast.keys import encode_prompt, eval_mode
+from memit_fast.keys import continuation_ids, encode_prompt, eval_mode
 
 __all__ = [
     "ContinuationScore",
@@ -102,11 +102,7 @@ def encode_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list
     or the continuation has none.
     """
     p = encode_prompt(tokenizer, prompt)
-    full = encode_prompt(tokenizer, prompt + continuation)
-    if len(full) > len(p) and full[: len(p)] == p:
-        c = full[len(p) :]
-    else:  # the prompt's last token merged with the continuation's first
-        c = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    c = list(continuation_ids(tokenizer, prompt, continuation))  # as the editor's targets
     if not p:
         raise ValueError(f"prompt {prompt!r} has no tokens; a continuation needs a prompt")
     if not c:

@@ -155,14 +155,20 @@ def with_leading_space(target: str) -> str:
 
 
 def encode_target(tokenizer, context: str, target: str) -> tuple[int, ...]:
-    """Token ids of ``target`` (with MEMIT's leading space) as it continues ``context``.
+    """Token ids of ``target`` (with MEMIT's leading space) as it continues ``context``
+    (:func:`continuation_ids`)."""
+    return continuation_ids(tokenizer, context, with_leading_space(target))
 
-    The tokens of ``context + target`` after those of ``context``. Where the tokens of
-    ``context`` are not a prefix of them (a token straddles the boundary), the tokens that
-    start at or after the end of ``context`` (by the tokenizer's offsets) if none straddles,
-    else the target tokenized on its own.
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[int, ...]:
+    """Token ids of ``continuation`` (taken verbatim) after ``context``: the tokens of
+    ``context + continuation`` after those of ``context``. Where the tokens of ``context``
+    are not a prefix of them (a token straddles the boundary), the tokens that start at or
+    after the end of ``context`` (by the tokenizer's offsets) if none straddles, else the
+    continuation tokenized on its own. The editor's targets and the evaluation's scored
+    continuations both come from here.
     """
-    target = with_leading_space(target)
+    target = continuation
     full = encode_prompt(tokenizer, context + target)
     head = encode_prompt(tokenizer, context)
     if full[: len(head)] == head and len(full) > len(head):

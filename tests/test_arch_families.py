@@ -114,7 +114,6 @@ def new_makers() -> dict[str, tuple[object, str | None, int]]:
             "mlp",
             d,
         ),
-        "bitnet": (_llama_like(T.BitNetConfig, T.BitNetForCausalLM, **gqa), "mlp", d),
         "nanochat": (_llama_like(T.NanoChatConfig, T.NanoChatForCausalLM, **gqa), "mlp", d),
     }
 
