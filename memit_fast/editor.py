@@ -841,6 +841,17 @@ class Editor:
                     # must move by R / gain for the block's output to move by R.
                     R = R / gain
                 C = stats[l].mom2
+                dead = C.diagonal() == 0  # (see _live)
+                if bool(dead.any()):
+                    used = int((K[dead.to(K.device)] != 0).any(dim=1).sum())
+                    if used:
+                        log.warning(
+                            "layer %d: the edited keys use %d key coordinates that no "
+                            "statistics token activates; the update may change their weights "
+                            "almost freely (more statistics samples would weigh them)",
+                            l,
+                            used,
+                        )
                 if c.solver == "memit":
                     solver = self._solver(l, C)
                     dh = R.shape[0]

@@ -122,3 +122,31 @@ def test_dead_key_coordinates_opt():
     assert float((dW - dW_ref).norm() / dW_ref.norm()) < 1e-5
     assert torch.equal(dW[:, dead], torch.zeros_like(dW[:, dead]))
     res.revert()
+
+
+def test_keys_on_a_dead_coordinate_are_reported(caplog):
+    """Statistics that never activate coordinate 0 while the edited keys do (GPT-2's GELU
+    keys are nonzero everywhere): the edit goes through and the editor warns that the
+    update may use that coordinate almost freely; OPT's keys, zero there, give no warning."""
+    import logging
+
+    model = make_gpt2()
+    dk = 4 * model.config.n_embd
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4 * dk, dk, generator=g)
+    X[:, 0] = 0
+    C = X.T @ X / X.shape[0]
+    cfg = config(layers=(2,), context_templates=("{}",), steps=3)
+    with caplog.at_level(logging.WARNING, logger="memit_fast"):
+        res = Editor(model, make_tokenizer(), cfg, stats={2: C}).apply(REQUESTS[:2])
+    assert any(
+        "use 1 key coordinates that no statistics token" in r.message for r in caplog.records
+    )
+    assert all(bool(torch.isfinite(t).all()) for t in res.factors[2])
+    res.revert()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="memit_fast"):
+        Editor(NEW["opt"][0](), make_tokenizer(), config(steps=2), corpus=list(CORPUS)).apply(
+            REQUESTS[:2]
+        )
+    assert not any("no statistics token" in r.message for r in caplog.records)
