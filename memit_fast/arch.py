@@ -137,13 +137,12 @@ class ModelAdapter:
             norm = get_submodule(model, spec.final_norm)
             self.final_norm = nn.Identity() if norm is None else norm
             self.final_proj = get_submodule(model, spec.final_proj) if spec.final_proj else None
-            for layer in range(len(self.blocks)):
-                self.mlp_out(layer)
+            projections = [self.mlp_out(layer) for layer in range(len(self.blocks))]
         except (AttributeError, TypeError) as e:
             raise UnsupportedArchitectureError(
                 f"model of type {type(model).__name__} does not match the adapter {spec}: {e}"
             ) from e
-        self._check_projections()
+        self._check_projections(projections)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is None:
             raise UnsupportedArchitectureError(f"{type(model).__name__} has no output head")
@@ -222,12 +221,12 @@ class ModelAdapter:
             )
         return diff
 
-    def _check_projections(self) -> None:
-        """Every block's ``mlp_out`` is one module with a 2-D weight, of one shape in all
-        blocks (a dense MLP's output projection, not a set of experts' weights)."""
+    def _check_projections(self, projections: list) -> None:
+        """Every block's ``mlp_out`` (``projections``) is one module with a 2-D weight, of
+        one shape in all blocks (a dense MLP's output projection, not a set of experts'
+        weights)."""
         shapes = set()
-        for layer in range(self.n_layers):
-            mod = self.mlp_out(layer)
+        for layer, mod in enumerate(projections):
             w = getattr(mod, "weight", None) if isinstance(mod, nn.Module) else None
             if not isinstance(w, torch.Tensor) or w.dim() != 2:
                 what = (

@@ -218,16 +218,15 @@ def add_eval_parser(sub) -> None:
 def _scored_pairs(r, kind: str) -> list[tuple[str, str, list[str]]]:
     """``(field, prompt, continuations)`` for each prompt of request ``r`` that the
     ``kind`` metrics (``counterfact`` or ``zsre``) score."""
-    from memit_fast.evaluate import with_leading_space
+    from memit_fast.evaluate import _neighborhood_pairs, with_leading_space
 
     cf = kind == "counterfact"
     tgts = [r.target] + ([r.target_true] if cf and r.target_true is not None else [])
-    out = [("prompt'", r.text, tgts)]
-    out += [(f"paraphrase_prompts' item {j}", p, tgts) for j, p in enumerate(r.paraphrase_prompts)]
-    for j, p in enumerate(r.neighborhood_prompts):
-        ans = r.neighborhood_targets[j] if r.neighborhood_targets else r.target_true
+    out = [("'prompt'", r.text, tgts)]
+    out += [(f"'paraphrase_prompts' item {j}", p, tgts) for j, p in enumerate(r.paraphrase_prompts)]
+    for p, ans, (field, _) in _neighborhood_pairs(r):
         if ans is not None:
-            out.append((f"neighborhood_prompts' item {j}", p, [r.target, ans] if cf else [ans]))
+            out.append((field, p, [r.target, ans] if cf else [ans]))
     return [(f, p, [with_leading_space(c) for c in cs]) for f, p, cs in out]
 
 
@@ -247,7 +246,7 @@ def check_sequences(
                 if n_ctx is not None and len((prompt + c).encode()) + 8 <= n_ctx:
                     continue
                 pos = f"request {i} of the valid ones" if skipped else f"record {i}"
-                where = f"{name} {pos} (case_id {r.case_id}): field '{field}"
+                where = f"{name} {pos} (case_id {r.case_id}): field {field}"
                 try:
                     p_ids, c_ids = encode_continuation(tokenizer, prompt, c)
                 except ValueError as e:

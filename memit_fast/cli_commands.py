@@ -19,6 +19,15 @@ from memit_fast.cli import (
 )
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "memit_fast")
+DEFAULT_STATS_DIR = os.path.join(DEFAULT_CACHE, "stats")
+
+
+def add_stats_dir_arg(p) -> None:
+    p.add_argument(
+        "--stats-dir",
+        default=DEFAULT_STATS_DIR,
+        help=f"cache of key statistics (default: {DEFAULT_STATS_DIR})",
+    )
 
 
 def read_config_file(path: str):
@@ -204,11 +213,7 @@ def add_edit_parser(sub) -> None:
     )
     p.add_argument("-n", type=int, default=None, help="use the first N requests")
     p.add_argument("--config", help="EditConfig as JSON (default: automatic for the model)")
-    p.add_argument(
-        "--stats-dir",
-        default=os.path.join(DEFAULT_CACHE, "stats"),
-        help=f"cache of key statistics (default: {os.path.join(DEFAULT_CACHE, 'stats')})",
-    )
+    add_stats_dir_arg(p)
     p.add_argument("--corpus", help="text file for key statistics (default: shipped WikiText-2)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="save the edited model (save_pretrained) here")
@@ -277,11 +282,7 @@ def add_stats_parser(sub) -> None:
         default=None,
         help="corpus texts (default: the automatic configuration's stats_samples)",
     )
-    p.add_argument(
-        "--stats-dir",
-        default=os.path.join(DEFAULT_CACHE, "stats"),
-        help=f"cache of key statistics (default: {os.path.join(DEFAULT_CACHE, 'stats')})",
-    )
+    add_stats_dir_arg(p)
     p.set_defaults(func=run_stats_cli)
 
 

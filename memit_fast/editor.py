@@ -79,6 +79,11 @@ _TEMPLATE_FIELDS = (
 DEAD_COORDINATE_WEIGHT = 1e-6
 
 
+def _dead(C: torch.Tensor) -> torch.Tensor:
+    """The key coordinates no statistics token activates: ``C``'s zero diagonal entries."""
+    return C.diagonal() == 0
+
+
 def _live(C: torch.Tensor, layer: int) -> torch.Tensor:
     """``C`` with a small positive diagonal where it is exactly zero: a key coordinate that no
     statistics token activates (a dead ReLU unit, common in OPT) has a zero row and column,
@@ -89,7 +94,7 @@ def _live(C: torch.Tensor, layer: int) -> torch.Tensor:
     published solve of ``lambda C + K K^T`` would. ``C`` itself is returned where no
     coordinate is dead."""
     d = C.diagonal()
-    dead = d == 0
+    dead = _dead(C)
     n_dead = int(dead.sum())
     if n_dead == 0 or n_dead == d.numel():
         return C
@@ -307,7 +312,7 @@ class Editor:
         self._nullspace: dict[int, torch.Tensor] = {}
         self._rome_factor: dict[int, torch.Tensor] = {}
         # Per layer, how the block's output moves with the MLP projection's (mlp_output_gain).
-        self._gains: dict[int, float | None] = {}
+        self._gains: dict[int, float] = {}
         # The edits whose keys later applies protect, written or remembered (_Written). Held
         # weakly: a dropped result's keys still protect its edit (it is still applied), but
         # its copy of the original weights is freed.
@@ -423,8 +428,10 @@ class Editor:
             self._solvers[layer] = s
         return self._solvers[layer]
 
-    def _gain(self, layer: int, ids) -> float | None:
-        """:func:`memit_fast.keys.mlp_output_gain` of ``layer``, measured once per Editor."""
+    def _gain(self, layer: int, ids) -> float:
+        """What ``layer``'s residuals are divided by, measured once per Editor: the factor
+        by which the block scales its MLP's output (:func:`memit_fast.keys.mlp_output_gain`;
+        Granite, MiniCPM 3), 1 where that is 1 to within 1 % or no one factor holds."""
         if layer not in self._gains:
             g = mlp_output_gain(self.model, self.adapter, layer, ids)
             if g is None:
@@ -435,8 +442,11 @@ class Editor:
                     "of the edit correct part of it",
                     layer,
                 )
+                g = 1.0
             elif abs(g - 1.0) > 1e-2:
                 log.info("layer %d: the block scales its MLP's output by %.4g", layer, g)
+            else:
+                g = 1.0
             self._gains[layer] = g
         return self._gains[layer]
 
@@ -836,12 +846,12 @@ class Editor:
                 Z = tr.z.to(H.device)
                 R = ((Z - H) / (len(layers) - j)).T.contiguous()  # (dh, n)
                 gain = self._gain(l, seqs[0])
-                if gain is not None and abs(gain - 1.0) > 1e-2:
-                    # The block scales its MLP's output (Granite, MiniCPM 3): the projection
-                    # must move by R / gain for the block's output to move by R.
+                if gain != 1.0:
+                    # The block scales its MLP's output: the projection must move by
+                    # R / gain for the block's output to move by R.
                     R = R / gain
                 C = stats[l].mom2
-                dead = C.diagonal() == 0  # (see _live)
+                dead = _dead(C)  # (see _live)
                 if bool(dead.any()):
                     used = int((K[dead.to(K.device)] != 0).any(dim=1).sum())
                     if used:

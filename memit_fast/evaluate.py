@@ -56,7 +56,13 @@ from typing import Any
 import torch
 
 from memit_fast.data import EditRequest, EditRequestError, _coerce
-from memit_fast.keys import continuation_ids, encode_prompt, eval_mode
+from memit_fast.keys import (
+    continuation_ids,
+    encode_prompt,
+    eval_mode,
+    input_device,
+    with_leading_space,
+)
 
 __all__ = [
     "ContinuationScore",
@@ -76,23 +82,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------
 # The primitive
 # ---------------------------------------------------------------------------------------
-
-
-def with_leading_space(target: str) -> str:
-    """MEMIT's convention: a target continues its prompt after one space."""
-    return target if target.startswith(" ") else " " + target
-
-
-def model_input_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's inputs go: the device of its input embeddings (the first piece of
-    a ``device_map`` split), else of its first parameter."""
-    try:
-        emb = model.get_input_embeddings()
-        if emb is not None:
-            return emb.weight.device
-    except (AttributeError, NotImplementedError):
-        pass
-    return next(model.parameters()).device
 
 
 def encode_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -188,7 +177,7 @@ def score_continuations(
             enc.append((p, c))
         where.append(k)
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
-    device = model_input_device(model)
+    device = input_device(model)
     out: list[ContinuationScore | None] = [None] * len(enc)
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
@@ -608,9 +597,12 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    labels: Sequence[str] | None = None,
 ) -> list[str]:
     """Continue each prompt to ``max_length`` tokens in all (prompt included, as the MEMIT
     code counts), greedily or, with ``top_k``, by top-k sampling. Returns the full texts.
+    ``labels[i]``, if given, names where prompt ``i`` comes from, for the error raised when
+    it has no tokens.
 
     Prompts of equal token length are batched together, so no padding is involved; the KV
     cache is used. Sampling draws on the CPU, for prompt ``i`` from a generator seeded with
@@ -625,12 +617,15 @@ def generate(
         raise ValueError(f"generate: batch_size must be an int >= 1, got {batch_size!r}")
     encs = [encode_prompt(tokenizer, p) for p in prompts]
     empty = [i for i, e in enumerate(encs) if not e]
+    if empty and labels is not None:
+        i = empty[0]
+        raise ValueError(f"{labels[i]} {prompts[i]!r} has no tokens to continue")
     if empty:
         raise ValueError(f"generate: prompts {empty[:5]} have no tokens to continue")
     groups: dict[int, list[int]] = {}
     for i, e in enumerate(encs):
         groups.setdefault(len(e), []).append(i)
-    device = model_input_device(model)
+    device = input_device(model)
     cache_arg = _cache_argument(model)
     out: list[str | None] = [None] * len(prompts)
     with eval_mode(model):
@@ -681,15 +676,13 @@ def generation_entropy(
     Returns ``{"ngram_entropy", "n", "records": [{"ngram_entropy", "generations"}]}``.
     """
     reqs = _as_requests(requests)
-    for i, r in enumerate(reqs):
-        for j, p in enumerate(r.generation_prompts):
-            if not encode_prompt(tokenizer, p):
-                raise ValueError(
-                    f"{_request_label(i, r)}: field 'generation_prompts' item {j} {p!r} has no "
-                    "tokens to continue"
-                )
     prompts = [p for r in reqs for p in r.generation_prompts]
-    texts = generate(model, tokenizer, prompts, max_length, top_k, seed, batch_size)
+    labels = [
+        f"{_request_label(i, r)}: field 'generation_prompts' item {j}"
+        for i, r in enumerate(reqs)
+        for j in range(len(r.generation_prompts))
+    ]
+    texts = generate(model, tokenizer, prompts, max_length, top_k, seed, batch_size, labels)
     records, k = [], 0
     for r in reqs:
         g = texts[k : k + len(r.generation_prompts)]

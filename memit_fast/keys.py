@@ -61,6 +61,7 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
     start = len(prefix) + pos
     end = start + len(subject)
     fast = _fast(tokenizer)
+    trimmed, overlapping = True, []  # (a slow tokenizer has no offsets)
     if fast:
         enc = tokenizer(
             text,
@@ -72,24 +73,19 @@ def encode_with_subject(tokenizer, prefix: str, prompt: str, subject: str) -> En
         spans = enc["offset_mapping"][: len(ids)]
         overlapping = [i for i, (a, b) in enumerate(spans) if b > a and a < end and b > start]
         special = enc["special_tokens_mask"][: len(ids)]
-        if all(b > a or sp for (a, b), sp in zip(spans, special)):
-            if not overlapping:
-                raise SubjectNotFoundError(
-                    f"no token of {text!r} covers the subject {subject!r} (characters "
-                    f"{start}-{end})"
-                )
-            return Encoded(tuple(ids), overlapping[-1])
+        trimmed = not all(b > a or sp for (a, b), sp in zip(spans, special))
     else:
         ids = encode_prompt(tokenizer, text)
-    upto = encode_prompt(tokenizer, text[:end])
-    last = len(upto) - 1
-    if last >= 0 and ids[: last + 1] == upto:
-        return Encoded(tuple(ids), last)
-    if not fast:
-        raise SubjectNotFoundError(
-            f"tokenization of {text!r} merges the subject {subject!r} with what follows "
-            "and this tokenizer gives no offsets to resolve it"
-        )
+    if trimmed:
+        upto = encode_prompt(tokenizer, text[:end])
+        last = len(upto) - 1
+        if last >= 0 and ids[: last + 1] == upto:
+            return Encoded(tuple(ids), last)
+        if not fast:
+            raise SubjectNotFoundError(
+                f"tokenization of {text!r} merges the subject {subject!r} with what follows "
+                "and this tokenizer gives no offsets to resolve it"
+            )
     if not overlapping:
         raise SubjectNotFoundError(
             f"no token of {text!r} covers the subject {subject!r} (characters {start}-{end})"
@@ -168,14 +164,13 @@ def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[int, .
     continuation tokenized on its own. The editor's targets and the evaluation's scored
     continuations both come from here.
     """
-    target = continuation
-    full = encode_prompt(tokenizer, context + target)
+    full = encode_prompt(tokenizer, context + continuation)
     head = encode_prompt(tokenizer, context)
     if full[: len(head)] == head and len(full) > len(head):
         return tuple(full[len(head) :])
     if _fast(tokenizer):
         enc = tokenizer(
-            context + target,
+            context + continuation,
             add_special_tokens=True,
             return_offsets_mapping=True,
             return_special_tokens_mask=True,
@@ -194,7 +189,7 @@ def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[int, .
                 clean = False
         if clean and out:
             return tuple(out)
-    return tuple(tokenizer(target, add_special_tokens=False)["input_ids"])
+    return tuple(tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
 
 def pad_id(tokenizer) -> int:
@@ -222,8 +217,15 @@ def pad_right(
 
 
 def input_device(model) -> torch.device:
-    emb = model.get_input_embeddings()
-    return emb.weight.device
+    """Where the model's inputs go: the device of its input embeddings (the first piece of
+    a ``device_map`` split), else of its first parameter."""
+    try:
+        emb = model.get_input_embeddings()
+        if emb is not None:
+            return emb.weight.device
+    except (AttributeError, NotImplementedError):
+        pass
+    return next(model.parameters()).device
 
 
 @contextlib.contextmanager

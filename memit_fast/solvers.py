@@ -105,8 +105,9 @@ def emmet_solve(
     zero = (~(D.diagonal() > 0)).nonzero().flatten().tolist()
     if zero:
         raise SolverError(
-            f"EMMET: the keys of requests {_named(zero, names)} are zero (K^T A^-1 K has a zero diagonal "
-            "entry): no update can write them; check the model's activations on their prompts"
+            f"EMMET: the keys of requests {_named(zero, names)} are zero (K^T A^-1 K has a "
+            "zero diagonal entry): no update can write them; check the model's activations on "
+            "their prompts"
         )
     scale = float(D.diagonal().mean())
     D.diagonal().add_(ridge * scale)
