@@ -517,9 +517,9 @@ static bool blocked_trsm() {
   return v != nullptr && std::string(v) == "blocked";
 }
 
-// (nblocks, nb, nb): the inverses of tril(L)'s nb-wide diagonal blocks, the last one
-// padded with the identity.
-static at::Tensor diagonal_block_inverses(const at::Tensor& L, int64_t nb) {
+// (nblocks, nb, nb): copies of tril(L)'s nb-wide diagonal blocks, the last one padded with
+// the identity. Only the lower triangle of each block is read.
+static at::Tensor diagonal_blocks(const at::Tensor& L, int64_t nb) {
   const int64_t n = L.size(0), nblocks = (n + nb - 1) / nb, full = n / nb;
   at::Tensor D = at::eye(nb, L.options()).repeat({nblocks, 1, 1});
   if (full > 0) {
@@ -531,9 +531,15 @@ static at::Tensor diagonal_block_inverses(const at::Tensor& L, int64_t nb) {
     const int64_t j = full * nb, jb = n - j;
     D[full].narrow(0, 0, jb).narrow(1, 0, jb).copy_(L.narrow(0, j, jb).narrow(1, j, jb));
   }
-  D.tril_();
+  return D.tril_();
+}
+
+// (nblocks, nb, nb): the inverses of tril(L)'s nb-wide diagonal blocks, the last one
+// padded with the identity.
+static at::Tensor diagonal_block_inverses(const at::Tensor& L, int64_t nb) {
+  const at::Tensor D = diagonal_blocks(L, nb);
   return at::linalg_solve_triangular(
-      D, at::eye(nb, L.options()).expand({nblocks, nb, nb}), /*upper=*/false);
+      D, at::eye(nb, L.options()).expand({D.size(0), nb, nb}), /*upper=*/false);
 }
 
 // X = L^-1 B (transpose = false) or L^-T B (true), B (n, m) in L's dtype; B is not
@@ -639,24 +645,27 @@ at::Tensor update_by_cholesky(at::Tensor Lp, at::Tensor X, int64_t nb, const cha
 }
 
 // The factor of L L^T + X X^T as L times the factor of I + W W^T, W = L^-1 X (all in
-// float64; L: the lower triangle, float64; X: the keys, float64). Eliminating the blocks of
-// I + W W^T leaves Schur complements I + W' S W'^T with S = (I + W_<J^T W_<J)^-1 (Woodbury),
-// so with F_J F_J^T = I + W_<J^T W_<J, V_J = W_J F_J^-T and C_J C_J^T = I + V_J V_J^T the
-// factor of I + W W^T is block-diagonal C_J plus, below each diagonal block, W G_J^T with
-// G_J = C_J^-1 V_J F_J^-1. Hence block column J of the new factor is
+// float64; L: float64, of which only the lower triangle is read; X: the keys, float64).
+// Eliminating the blocks of I + W W^T leaves Schur complements I + W' S W'^T with
+// S = (I + W_<J^T W_<J)^-1 (Woodbury), so with F_J F_J^T = I + W_<J^T W_<J,
+// V_J = W_J F_J^-T and C_J C_J^T = I + V_J V_J^T the factor of I + W W^T is block-diagonal
+// C_J plus, below each diagonal block, W G_J^T with G_J = C_J^-1 V_J F_J^-1. Hence block
+// column J of the new factor is
 //   L'[:, J] = L[:, J] C_J + (sum_{I > J} L[:, I] W_I) G_J^T
 // (the sum vanishes on block J's rows and above). Every C_J and G_J comes from a few
-// batched calls over all blocks at once; what stays sequential is three GEMMs per block
-// column, so on a GPU there is no per-panel factorization and no host sync. Cost
-// ~3 n^2 k + n^2 nb + 2 n k^2; it is meant for few keys (k below the block width). Its
-// backward error grows with ||X X^T|| / ||L L^T|| (L L^T is recovered from products
-// larger than itself), which is why "auto" checks it.
+// batched calls over all blocks at once, and so do the diagonal blocks' products (tril(L)'s
+// diagonal blocks are copied once, which is what keeps L's upper triangle unread); what
+// stays sequential is three GEMMs per block column below the diagonal, so on a GPU there
+// is no per-panel factorization and no host sync. Cost ~3 n^2 k + n^2 nb + 2 n k^2; it is
+// meant for few keys (k below the block width). Its backward error grows with
+// ||X X^T|| / ||L L^T|| (L L^T is recovered from products larger than itself), which is
+// why "auto" checks it. The result's strict upper triangle is zero.
 at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t nb) {
   const int64_t n = Ld.size(0), k = Xd.size(1);
   // Blocks at least k wide: the k x k factors per block then take O(n k) memory, not
   // O(n k^2 / nb) (many keys mean that the n^2 k terms dominate the cost anyway).
   nb = std::min(std::max(nb, k), n);
-  const int64_t nblocks = (n + nb - 1) / nb;
+  const int64_t nblocks = (n + nb - 1) / nb, full = n / nb;
   const at::Tensor W = forward_solve(Ld, Xd);
   // W in blocks of nb rows, zero rows padding the last one (they factor as the identity).
   at::Tensor Wb = at::zeros({nblocks * nb, k}, W.options());
@@ -680,31 +689,77 @@ at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t
   const at::Tensor G = at::linalg_solve_triangular(
       C, at::linalg_solve_triangular(F, VJ, /*upper=*/false, /*left=*/false),
       /*upper=*/false);
-  at::Tensor out = at::zeros_like(Ld);
-  at::Tensor T = at::zeros({n, k}, W.options());  // sum_{I > J} L[:, I] W_I
+  // The diagonal blocks at once: L'_JJ = L_JJ C_J, and each block's own term L_JJ W_J of the
+  // running sum (the padding rows stay zero: identity times zero rows of Wb).
+  const at::Tensor D = diagonal_blocks(Ld, nb);
+  const at::Tensor diag = at::bmm(D, C);
+  at::Tensor T = at::bmm(D, Wb).view({nblocks * nb, k}).narrow(0, 0, n);  // sum_{I >= J}
+  at::Tensor out = at::empty({n, n}, Ld.options());  // row-major
+  if (full > 0) {
+    out.as_strided({full, nb, nb}, {nb * (n + 1), n, 1}).copy_(diag.narrow(0, 0, full));
+  }
+  if (full < nblocks) {
+    const int64_t j = full * nb, jb = n - j;
+    out.narrow(0, j, jb).narrow(1, j, jb).copy_(diag[full].narrow(0, 0, jb).narrow(1, 0, jb));
+  }
   for (int64_t J = nblocks - 1; J >= 0; --J) {
-    const int64_t j = J * nb, jb = std::min(nb, n - j), m = n - j;
-    const at::Tensor Lc = Ld.narrow(0, j, m).narrow(1, j, jb);
-    at::Tensor O = out.narrow(0, j, m).narrow(1, j, jb);
-    at::mm_out(O, Lc, C[J].narrow(0, 0, jb).narrow(1, 0, jb));
-    if (m > jb) {
-      O.narrow(0, jb, m - jb).addmm_(T.narrow(0, j + jb, m - jb), G[J].narrow(0, 0, jb).mT());
+    const int64_t j = J * nb, jb = std::min(nb, n - j), below = n - j - jb;
+    if (j > 0) {
+      out.narrow(0, 0, j).narrow(1, j, jb).zero_();  // above the diagonal block
     }
-    T.narrow(0, j, m).addmm_(Lc, W.narrow(0, j, jb));
+    if (below > 0) {
+      const at::Tensor Lb = Ld.narrow(0, j + jb, below).narrow(1, j, jb);
+      at::Tensor O = out.narrow(0, j + jb, below).narrow(1, j, jb);
+      at::mm_out(O, Lb, C[J].narrow(0, 0, jb).narrow(1, 0, jb));
+      at::Tensor Tb = T.narrow(0, j + jb, below);
+      O.addmm_(Tb, G[J].narrow(0, 0, jb).mT());
+      Tb.addmm_(Lb, W.narrow(0, j, jb));
+    }
   }
   return out;
 }
 
+// L (L^T V) for V (n, m), reading only L's lower triangle, in row blocks: the part left of
+// each diagonal block in place, the diagonal block through tril() (small). About half the
+// reads of a full product, which matters where m is small and the product runs at the
+// memory's rate.
+at::Tensor lower_gram_times(const at::Tensor& L, const at::Tensor& V) {
+  constexpr int64_t step = 1024;
+  const int64_t n = L.size(0);
+  std::vector<at::Tensor> diag;
+  at::Tensor Y = at::zeros_like(V);  // L^T V
+  for (int64_t i = 0; i < n; i += step) {
+    const int64_t ib = std::min(step, n - i);
+    const at::Tensor rows = L.narrow(0, i, ib), Vi = V.narrow(0, i, ib);
+    diag.push_back(rows.narrow(1, i, ib).tril());
+    if (i > 0) {
+      Y.narrow(0, 0, i).addmm_(rows.narrow(1, 0, i).mT(), Vi);
+    }
+    Y.narrow(0, i, ib).addmm_(diag.back().mT(), Vi);
+  }
+  at::Tensor Z = at::empty_like(V);
+  for (int64_t i = 0, b = 0; i < n; i += step, ++b) {
+    const int64_t ib = std::min(step, n - i);
+    at::Tensor Zi = Z.narrow(0, i, ib);
+    at::mm_out(Zi, diag[b], Y.narrow(0, i, ib));
+    if (i > 0) {
+      Zi.addmm_(L.narrow(0, i, ib).narrow(1, 0, i), Y.narrow(0, 0, i));
+    }
+  }
+  return Z;
+}
+
 // Relative backward error of a rank-k update, estimated on random probes:
-// ||(L' L'^T - L L^T - X X^T) V|| / (||L L^T V|| + ||X X^T V||), all in float64.
+// ||(L' L'^T - L L^T - X X^T) V|| / (||L L^T V|| + ||X X^T V||), all in float64 (of L and
+// L' only the lower triangles are read).
 double update_backward_error(const at::Tensor& Lnew, const at::Tensor& Ld, const at::Tensor& Xd) {
   // Fixed, not random: the caller's generator state is not ours to advance.
   const at::Tensor V = at::sin(
       at::arange(1, Ld.size(0) + 1, Ld.options()).unsqueeze(1) *
       at::tensor({0.7548776662, 1.3247179572, 2.2055694304, 0.5698402910}, Ld.options()));
-  const at::Tensor a = at::matmul(Ld, at::matmul(Ld.mT(), V));
+  const at::Tensor a = lower_gram_times(Ld, V);
   const at::Tensor b = at::matmul(Xd, at::matmul(Xd.mT(), V));
-  const at::Tensor r = at::matmul(Lnew, at::matmul(Lnew.mT(), V)) - a - b;
+  const at::Tensor r = lower_gram_times(Lnew, V) - a - b;
   return (r.norm() / (a.norm() + b.norm())).item<double>();
 }
 
@@ -738,11 +793,10 @@ at::Tensor cholesky_update(
     return L.tril().contiguous();
   }
   if (method == "product" || (method == "auto" && !L.is_cpu())) {
-    // L's lower triangle in float64. Factors from this library and from torch have a zero
-    // strict upper triangle: checking that reads L once, where tril() copies it (1.5 of the
-    // 12.3 ms of the update at dk = 16384 on an H200).
-    const bool upper_zero = !at::triu(L != 0, 1).any().item<bool>();
-    const at::Tensor Ld = (upper_zero ? L : L.tril()).to(at::kDouble), Xd = K.to(at::kDouble);
+    // L in float64, read in place: the product update and its check read only the lower
+    // triangle (a tril() copy took 1.5 of the 12.3 ms of the update at dk = 16384 on an
+    // H200, and a test that the upper triangle is zero about half of that).
+    const at::Tensor Ld = L.to(at::kDouble), Xd = K.to(at::kDouble);
     const at::Tensor out = update_by_product(
         Ld, Xd, block_size > 0 ? block_size : (L.is_cpu() ? kCpuProductBlock : kProductBlock));
     // "auto" keeps it only where it is as accurate as the factor's dtype allows: within

@@ -55,6 +55,26 @@ def test_update_auto_on_cuda_takes_product_only_where_accurate(dtype):
     assert rel(auto.double() @ auto.double().T, M) <= (1e-13 if dtype == torch.float64 else 1e-6)
 
 
+def test_update_auto_on_cuda_reads_only_the_lower_triangle():
+    """``auto``'s product update and its accuracy probe read only L's lower triangle: with
+    garbage and a NaN above the diagonal, small keys still take the product update (a NaN
+    read by the probe would fail it and send them to the Householder one) and give the very
+    factor a clean L of the same layout gives, lower-triangular. n = 2500 spans ten of the
+    update's 256-wide blocks and three of the probe's 1024-row blocks, each with a partial
+    last block."""
+    n = 2500
+    A = spd(n, 1e6, seed=11).cuda()
+    L = torch.linalg.cholesky(A)
+    K = rhs(n, 30, seed=12, scale=0.1).cuda()
+    dirty = L + torch.triu(rhs(n, n, seed=13).cuda(), 1)
+    dirty[0, n - 1] = float("nan")
+    assert dirty.stride() == L.stride()
+    clean = la.cholesky_update(L, K, method="product", use_ext=True)
+    got = la.cholesky_update(dirty, K, use_ext=True)
+    assert torch.equal(got, clean) and torch.equal(got, got.tril())
+    assert rel(got @ got.T, A + K @ K.T) <= n * 2.0**-53
+
+
 @pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32", "fp64"])
 def test_refined_solve_on_cuda(precision):
     A, B = spd(1000, 1e2).cuda(), rhs(1000, 50).cuda()
