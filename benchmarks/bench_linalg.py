@@ -19,6 +19,10 @@ For each key width ``dk`` and batch ``n`` it times, on one device:
   the product) and as the engine does by default, one solve for the ``dh`` columns of
   ``K R^T`` (``EditConfig.solve_order``);
 - ``memit_solve``: the one-shot refined solve (factor + refinement);
+- ``update_<trsm>``, ``update_product_b0_<trsm>``, ``layer_solve_<trsm>`` (``--trsm``):
+  the update and the layer solve again with the extension's triangular solves forced to
+  ``library`` (LAPACK's / cuBLAS's) or ``blocked`` (GEMMs with inverted diagonal blocks,
+  the default on CUDA) by ``MEMIT_FAST_TRSM``;
 
 and the relative difference of the refined solutions from the float64 solve, and the
 normwise backward error of each solution, the published one's included (``bwd_err``: at
@@ -94,7 +98,7 @@ class Bench:
         self.rows: list[dict[str, object]] = []
         self.update_blocks: list[int] = []
         self.update_methods: list[str] = []
-        self.trsm: list[str] = ["library"]
+        self.trsm: list[str] = []  # triangular solves timed beside the default
 
     def record(self, dk: int, n, variant: str, metric: str, value: float, unit: str) -> None:
         self.rows.append(
@@ -169,8 +173,8 @@ class Bench:
         self.record(dk, n, "update", "rel_diff_refactor", rel(L_upd.tril(), L_ref), "ratio")
         del L_upd
         ref = {"t_ref": t_ref, "L_ref": L_ref, "t_pub": t_pub, "U64": U64, "M64": M64, "K64": K64}
-        if "blocked" in self.trsm:
-            self.blocked(dk, n, solver, K, ref)
+        for trsm in self.trsm:
+            self.trsm_rows(dk, n, solver, K, ref, trsm)
         for method in self.update_methods or ["auto"]:
             if method in ("chol", "product") and n > CHOL_UPDATE_MAX_N:
                 print(f"update_{method}: skipped at n={n} (a k x k Cholesky per block)")
@@ -224,25 +228,29 @@ class Bench:
         self.record(dk, n, variant, "bwd_err", bwd_err(ref["M64"], U, ref["K64"]), "ratio")
         self.record(dk, n, variant, "speedup", ref["t_pub"] / t, "x")
 
-    def blocked(self, dk: int, n: int, solver: la.LayerSolver, K, ref: dict) -> None:
-        """The extension's triangular solves as GEMMs with inverted diagonal blocks
-        (``MEMIT_FAST_TRSM=blocked``), side by side with the rows above: the update (``auto``
-        and ``product``) and the layer solve."""
+    def trsm_rows(self, dk: int, n: int, solver: la.LayerSolver, K, ref: dict, trsm: str) -> None:
+        """The update (``auto`` and ``product``) and the layer solve with the extension's
+        triangular solves forced to ``trsm`` (``MEMIT_FAST_TRSM``, restored after), side by
+        side with the default's rows above."""
         use_ext, K64 = self.use_ext, ref["K64"]
-        os.environ["MEMIT_FAST_TRSM"] = "blocked"
+        before = os.environ.get("MEMIT_FAST_TRSM")
+        os.environ["MEMIT_FAST_TRSM"] = trsm
         try:
-            methods = [("update_blocked", "auto")]
+            methods = [(f"update_{trsm}", "auto")]
             if n <= CHOL_UPDATE_MAX_N:
-                methods.append(("update_product_b0_blocked", "product"))
+                methods.append((f"update_product_b0_{trsm}", "product"))
             for variant, method in methods:
                 self.update_rows(
                     dk, n, variant,
                     lambda m=method: la.cholesky_update(solver.L, K64, method=m, use_ext=use_ext),
                     ref,
                 )  # fmt: skip
-            self.solve_rows(dk, n, "layer_solve_blocked", lambda: solver.solve(K), ref)
+            self.solve_rows(dk, n, f"layer_solve_{trsm}", lambda: solver.solve(K), ref)
         finally:
-            os.environ.pop("MEMIT_FAST_TRSM", None)
+            if before is None:
+                os.environ.pop("MEMIT_FAST_TRSM", None)
+            else:
+                os.environ["MEMIT_FAST_TRSM"] = before
 
 
 def main() -> None:
@@ -266,9 +274,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--trsm",
-        default="library",
-        help="triangular solves of the extension to time: library (trsm, the default) and/or "
-        "blocked (MEMIT_FAST_TRSM=blocked: GEMMs with inverted diagonal blocks), comma-separated",
+        default="",
+        help="also time the update and the layer solve with the extension's triangular solves "
+        "forced to library (LAPACK / cuBLAS trsm) and/or blocked (GEMMs with inverted diagonal "
+        "blocks, the CUDA default), comma-separated",
     )
     args = ap.parse_args()
     if args.threads:
@@ -279,7 +288,7 @@ def main() -> None:
     bench.update_blocks = [int(b) for b in args.update_blocks.split(",") if b]
     bench.update_methods = [m for m in args.update_methods.split(",") if m]
     bench.trsm = [t for t in args.trsm.split(",") if t]
-    if not set(bench.trsm) <= {"library", "blocked"} or not bench.trsm:
+    if not set(bench.trsm) <= {"library", "blocked"}:
         ap.error("--trsm takes library and/or blocked")
     if args.stats:
         from safetensors.torch import load_file

@@ -27,9 +27,10 @@
 # empty skips), STATS_MODEL (default llama-2-7b; empty skips), LINALG_DK / LINALG_N (default
 # 16384 / 100,10000), LINALG_UPDATE_BLOCKS / LINALG_UPDATE_METHODS (cholesky_update also
 # timed at these block widths, 0 the default, by these methods; default 0,128,256,1024 and
-# qr,chol,product; empty skips), LINALG_TRSM (the extension's triangular solves timed:
-# library and/or blocked, default both; also the trsm choices of the profile_linalg.py step,
-# PROFILE_LINALG=0 skips it), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
+# qr,chol,product; empty skips), LINALG_TRSM (the update and layer solve timed again with
+# the extension's triangular solves forced to library and/or blocked; default library, the
+# alternative to the CUDA default; empty skips), PROFILE_TRSM (the trsm choices of the
+# profile_linalg.py step, default library,blocked; PROFILE_LINALG=0 skips the step), TARGETS_MODEL / TARGETS_CHUNKS (the target phase timed at
 # these chunk sizes on this random architecture; default llama-2-7b / 32,64,128,256; an
 # empty TARGETS_MODEL skips; on an 80 GB H100 keep the chunks to 128: 256 requests of
 # llama-2-7b need about 79 GiB), STATS_VARIANTS (bench_stats.py --variants), SDPA_AB (1, the
@@ -250,10 +251,10 @@ else
   # The acceptance sizes first (dk 16384: n 100 for the update, n 10,000 for the solve).
   bench_nomd bench_linalg.py 120 --device cuda --dk "${LINALG_DK:-16384}" \
     --n "${LINALG_N:-100,10000}" --update-blocks "${LINALG_UPDATE_BLOCKS-0,128,256,1024}" \
-    --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}" --trsm "${LINALG_TRSM:-library,blocked}"
+    --update-methods "${LINALG_UPDATE_METHODS-qr,chol,product}" --trsm "${LINALG_TRSM-library}"
   if [ "${PROFILE_LINALG:-1}" = 1 ] && [ -f benchmarks/profile_linalg.py ]; then
     step "profile_linalg.py" 60 "$PYTHON" benchmarks/profile_linalg.py --device cuda \
-      --dk "${LINALG_DK:-16384}" --n 100 --trsm "${LINALG_TRSM:-library,blocked}" \
+      --dk "${LINALG_DK:-16384}" --n 100 --trsm "${PROFILE_TRSM:-library,blocked}" \
       --out "$RESULTS/profile_linalg.md"
   fi
   # The statistics pass (its rows reach the CSV variant by variant), then the same one pass

@@ -5,8 +5,9 @@ statistics of ``bench_linalg.py``. For a lent GPU; runs anywhere.
     python benchmarks/profile_linalg.py --device cuda --dk 16384 --n 100 --trsm library,blocked \
         --out "$OUT/profile_linalg.md"
 
-``--trsm`` profiles the extension's triangular solves as the library's ``trsm`` and/or as
-GEMMs with inverted diagonal blocks (``MEMIT_FAST_TRSM=blocked``, read at each call).
+``--trsm`` profiles the extension's triangular solves as the library's ``trsm``
+(``MEMIT_FAST_TRSM=library``) and/or as GEMMs with inverted diagonal blocks (``=blocked``,
+the default on CUDA); the variable is read at each call.
 """
 
 from __future__ import annotations
@@ -53,10 +54,7 @@ def main() -> None:
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     parts = []
     for trsm in trsms:
-        if trsm == "blocked":
-            os.environ["MEMIT_FAST_TRSM"] = "blocked"
-        else:
-            os.environ.pop("MEMIT_FAST_TRSM", None)
+        os.environ["MEMIT_FAST_TRSM"] = trsm  # read by the extension at each call
         for name, fn in cases:
             fn()  # warm-up (library handles, first launches)
             if device.type == "cuda":

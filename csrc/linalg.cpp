@@ -99,13 +99,17 @@ void check_factor_diagonal(const at::Tensor& L, const char* op, const char* name
 
 // A factor's lower triangle finite and its diagonal positive; what lies above the
 // diagonal is never read, so it is not checked.
+void check_factor_finite(const at::Tensor& L, bool exact, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(
+      L.size(0) == 0 || lower_finite(L, exact), op, ": ", name,
+      " contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)");
+}
+
 void check_factor_values(const at::Tensor& L, const char* op, const char* name) {
   if (L.size(0) == 0) {
     return;
   }
-  TORCH_CHECK_VALUE(
-      lower_finite(L, /*exact=*/false), op, ": ", name,
-      " contains NaN or Inf on or below its diagonal (is it a Cholesky factor?)");
+  check_factor_finite(L, /*exact=*/false, op, name);
   check_factor_diagonal(L, op, name);
 }
 
@@ -506,15 +510,22 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
 // Triangular solves with a lower factor L for few right-hand sides, as GEMMs: the diagonal
 // blocks of L inverted once (one batched call), then per block of rows one product with
 // its inverse and one GEMM that carries the solved rows to the rest ("right-looking").
-// On an H200, cuBLAS's trsm ran at about 6 TFLOP/s for dk = 16384 and 100 right-hand
-// sides (4.5 ms; benchmarks/results/gpu_h200/profile_linalg_call6.md), where GEMMs of
-// these shapes run several times faster. Chosen by MEMIT_FAST_TRSM=blocked (default:
-// the library's solves) until a GPU run decides; it reads only L's lower triangle.
+// On CUDA they are the default: on an H100 at dk = 16384 and 100 right-hand sides,
+// cuBLAS's trsm took 4.5 ms per solve (about 6 TFLOP/s) and these solves made the product
+// update 13.1 -> 9.7 ms and the layer solve 31.5 -> 18.0 ms
+// (benchmarks/results/gpu_h100.md). MEMIT_FAST_TRSM=library or =blocked overrides the
+// choice on any device; the CPU keeps LAPACK's solves. Only L's lower triangle is read.
 constexpr int64_t kTrsmBlock = 256;
 
-static bool blocked_trsm() {
+static bool blocked_trsm(const at::Tensor& L) {
   const char* v = std::getenv("MEMIT_FAST_TRSM");
-  return v != nullptr && std::string(v) == "blocked";
+  if (v != nullptr && std::string(v) == "blocked") {
+    return true;
+  }
+  if (v != nullptr && std::string(v) == "library") {
+    return false;
+  }
+  return L.is_cuda();
 }
 
 // (nblocks, nb, nb): copies of tril(L)'s nb-wide diagonal blocks, the last one padded with
@@ -567,7 +578,7 @@ static at::Tensor solve_lower(
 
 // L^-1 B: blocked where chosen (and L spans more than one block), else the library's trsm.
 static at::Tensor forward_solve(const at::Tensor& L, const at::Tensor& B) {
-  if (blocked_trsm() && L.size(0) > kTrsmBlock && B.dim() == 2) {
+  if (blocked_trsm(L) && L.size(0) > kTrsmBlock && B.dim() == 2) {
     return solve_lower(L, B.to(L.scalar_type()), false, diagonal_block_inverses(L, kTrsmBlock));
   }
   return at::linalg_solve_triangular(L, B, /*upper=*/false);
@@ -575,7 +586,7 @@ static at::Tensor forward_solve(const at::Tensor& L, const at::Tensor& B) {
 
 // (L L^T)^-1 B for B (n, m) in L's dtype: blocked where chosen, else cholesky_solve.
 static at::Tensor factor_solve(const at::Tensor& B, const at::Tensor& L) {
-  if (blocked_trsm() && L.size(0) > kTrsmBlock) {
+  if (blocked_trsm(L) && L.size(0) > kTrsmBlock) {
     const at::Tensor Dinv = diagonal_block_inverses(L, kTrsmBlock);
     return solve_lower(L, solve_lower(L, B, false, Dinv), true, Dinv);
   }
@@ -719,10 +730,12 @@ at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t
   return out;
 }
 
-// L (L^T V) for V (n, m), reading only L's lower triangle, in row blocks: the part left of
-// each diagonal block in place, the diagonal block through tril() (small). About half the
-// reads of a full product, which matters where m is small and the product runs at the
-// memory's rate.
+// L (L^T V) for V (n, m), reading only L's lower triangle: L^T V in row blocks (the part
+// left of each diagonal block read in place), then L (L^T V) in column blocks (the part
+// below each diagonal block in place); the diagonal blocks through tril() (small). About
+// half the reads of two full products, which matters where m is small and the products
+// run at the memory's rate, and every product is tall (many output rows: the GPU's
+// tiles run in parallel over them).
 at::Tensor lower_gram_times(const at::Tensor& L, const at::Tensor& V) {
   constexpr int64_t step = 1024;
   const int64_t n = L.size(0);
@@ -737,13 +750,13 @@ at::Tensor lower_gram_times(const at::Tensor& L, const at::Tensor& V) {
     }
     Y.narrow(0, i, ib).addmm_(diag.back().mT(), Vi);
   }
-  at::Tensor Z = at::empty_like(V);
-  for (int64_t i = 0, b = 0; i < n; i += step, ++b) {
-    const int64_t ib = std::min(step, n - i);
-    at::Tensor Zi = Z.narrow(0, i, ib);
-    at::mm_out(Zi, diag[b], Y.narrow(0, i, ib));
-    if (i > 0) {
-      Zi.addmm_(L.narrow(0, i, ib).narrow(1, 0, i), Y.narrow(0, 0, i));
+  at::Tensor Z = at::zeros_like(V);
+  for (int64_t j = 0, b = 0; j < n; j += step, ++b) {
+    const int64_t jb = std::min(step, n - j), below = n - j - jb;
+    const at::Tensor Yj = Y.narrow(0, j, jb);
+    Z.narrow(0, j, jb).addmm_(diag[b], Yj);
+    if (below > 0) {
+      Z.narrow(0, j + jb, below).addmm_(L.narrow(0, j + jb, below).narrow(1, j, jb), Yj);
     }
   }
   return Z;
@@ -779,7 +792,16 @@ at::Tensor cholesky_update(
       K.size(0) == n, op, ": K must have ", n, " rows (one per row of L), got shape ",
       K.sizes());
   check_finite(K, op, "K");
-  check_factor_values(L, op, "L");
+  // "auto" on a GPU probes the product update's result with products that read every entry
+  // on and below L's diagonal: a NaN or Inf there makes the probe non-finite (IEEE
+  // arithmetic never cancels one), so L's lower triangle is read for the error only then
+  // (a read of the factor saved: 0.6 of about 10 ms at dk = 16384 on an H100).
+  const bool probed = method == "auto" && !L.is_cpu() && K.size(1) > 0;
+  if (probed) {
+    check_factor_diagonal(L, op, "L");
+  } else {
+    check_factor_values(L, op, "L");
+  }
   if (L.scalar_type() == at::kFloat && K.scalar_type() == at::kDouble && K.numel() > 0) {
     const double kmax = K.abs().max().item<double>();
     TORCH_CHECK_VALUE(
@@ -805,10 +827,15 @@ at::Tensor cholesky_update(
     // n = 1000, next to the 6e-8 of 2^-24, while a float32 Householder update gave 1.6e-7).
     // It checks that on probes rather than bounding it (bounds from norms overestimate by
     // orders of magnitude for key statistics); NaN fails the test.
-    if (method == "product" ||
-        update_backward_error(out, Ld, Xd) <=
-            double(n) * std::ldexp(1.0, dtype == at::kDouble ? -53 : -24)) {
+    if (method == "product") {
       return out.to(dtype);
+    }
+    const double err = update_backward_error(out, Ld, Xd);
+    if (err <= double(n) * std::ldexp(1.0, dtype == at::kDouble ? -53 : -24)) {
+      return out.to(dtype);
+    }
+    if (!std::isfinite(err)) {
+      check_factor_finite(L, /*exact=*/true, op, "L");
     }
   }
   at::Tensor X = K.to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();

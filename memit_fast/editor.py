@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from memit_fast import linalg, solvers
+from memit_fast._attention import without_cudnn_attention
 from memit_fast.arch import ArchSpec, ModelAdapter
 from memit_fast.config import EditConfig, auto_config
 from memit_fast.data import EditRequest, EditRequestError, normalize_requests
@@ -766,7 +767,7 @@ class Editor:
         timings: dict[str, float] = {}
         t0 = _clock()
         reqs, sources = normalize_requests(requests, with_indices=True)
-        with eval_mode(self.model), _without_autocast():
+        with eval_mode(self.model), _without_autocast(), without_cudnn_attention():
             self._check_head()
             tick = _clock()
             templates = self.context_templates()

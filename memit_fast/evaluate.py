@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from memit_fast._attention import without_cudnn_attention
 from memit_fast.data import EditRequest, EditRequestError, _coerce
 from memit_fast.keys import (
     continuation_ids,
@@ -135,6 +136,7 @@ class ContinuationScore:
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def score_continuations(
     model: torch.nn.Module,
     tokenizer,
@@ -589,6 +591,7 @@ def _output_cache(out):
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def generate(
     model: torch.nn.Module,
     tokenizer,

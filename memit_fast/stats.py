@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from memit_fast._attention import without_cudnn_attention
 from memit_fast.arch import ModelAdapter
 from memit_fast.keys import StopForward, forward_until, hooks, input_device, pad_id, pad_right
 
@@ -283,7 +284,7 @@ def collect_stats(
             forward_until(model, ids, mask)
             count += sum(len(s) for s in batch)  # the mask's ones, without a device sync
 
-    with hooks(handles), torch.no_grad():
+    with hooks(handles), torch.no_grad(), without_cudnn_attention():
         it = iter(texts)
         while n_texts < samples:  # (checked before a text is drawn: none is drawn in vain)
             text = next(it, None)

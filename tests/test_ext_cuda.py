@@ -75,6 +75,40 @@ def test_update_auto_on_cuda_reads_only_the_lower_triangle():
     assert rel(got @ got.T, A + K @ K.T) <= n * 2.0**-53
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(1, 0), (2000, 1500), (2499, 2498)])
+def test_update_auto_on_cuda_names_a_non_finite_factor(bad, where):
+    """``auto`` on CUDA reads L's lower triangle for finiteness only when its probe is not
+    finite; a NaN or Inf anywhere below the diagonal still gets the error naming L (the probe
+    reads every such entry), for either dtype of L."""
+    n = 2500
+    L = torch.linalg.cholesky(spd(n, 1e3, seed=14).cuda())
+    L[where] = bad
+    K = rhs(n, 8, seed=15, scale=0.1).cuda()
+    for factor in (L, L.float()):
+        with pytest.raises(ValueError, match="L contains NaN or Inf on or below its diagonal"):
+            la.cholesky_update(factor, K, use_ext=True)
+
+
+@pytest.mark.parametrize("mode", ["library", "blocked"])
+def test_triangular_solves_on_cuda_either_way(monkeypatch, mode):
+    """cuBLAS's trsm (``MEMIT_FAST_TRSM=library``) and the blocked solves (the CUDA
+    default) both give float64-accurate solves, refined float32 solves and product updates
+    on CUDA; n = 1000 leaves a partial last block of 256."""
+    monkeypatch.setenv("MEMIT_FAST_TRSM", mode)
+    A, B = spd(1000, 1e6, seed=16).cuda(), rhs(1000, 64, seed=17).cuda()
+    ref = torch.linalg.solve(A, B)
+    L = torch.linalg.cholesky(A)
+    X, _ = la.cholesky_solve(L, B, use_ext=True)
+    assert rel(X, ref) <= 1e-8  # cond 1e6: a float64 solve's forward error
+    X32, history = la.cholesky_solve(L.float(), B, A, use_ext=True)
+    assert la.converged(history, 1000), history
+    assert rel(X32, ref) <= 1e-10
+    K = rhs(1000, 20, seed=18, scale=0.1).cuda()
+    U = la.cholesky_update(L, K, method="product", use_ext=True)
+    assert rel(U @ U.T, A + K @ K.T) <= 1000 * 2.0**-53
+
+
 @pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32", "fp64"])
 def test_refined_solve_on_cuda(precision):
     A, B = spd(1000, 1e2).cuda(), rhs(1000, 50).cuda()
