@@ -78,9 +78,9 @@ def test_update_auto_on_cuda_reads_only_the_lower_triangle():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", [(1, 0), (2000, 1500), (2499, 2498)])
 def test_update_auto_on_cuda_names_a_non_finite_factor(bad, where):
-    """``auto`` on CUDA reads L's lower triangle for finiteness only when its probe is not
-    finite; a NaN or Inf anywhere below the diagonal still gets the error naming L (the probe
-    reads every such entry), for either dtype of L."""
+    """``auto`` on CUDA (the product update, its probe, or the Householder fallback) refuses
+    a NaN or Inf anywhere below L's diagonal with the error naming L, for either dtype of L
+    and wherever the entry lies among the update's and the probe's blocks."""
     n = 2500
     L = torch.linalg.cholesky(spd(n, 1e3, seed=14).cuda())
     L[where] = bad
