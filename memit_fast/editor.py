@@ -756,6 +756,10 @@ class Editor:
         Raises :class:`EditRequestError` for malformed requests (nothing is touched) and
         :class:`EditFailedError` when the edit cannot be computed; any exception, including
         ``KeyboardInterrupt``, leaves the weights bit-identical to before.
+
+        The model runs in eval mode, without autocast and without cuDNN attention (torch's
+        global attention flags, restored on return; see
+        :func:`memit_fast._attention.without_cudnn_attention`).
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
