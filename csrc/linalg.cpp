@@ -508,20 +508,23 @@ std::tuple<at::Tensor, at::Tensor> cholesky(
 // its inverse and one GEMM that carries the solved rows to the rest ("right-looking").
 // On CUDA they are the default: on an H100 at dk = 16384 and 100 right-hand sides,
 // cuBLAS's trsm took 4.5 ms per solve (about 6 TFLOP/s) and these solves made the product
-// update 13.1 -> 9.7 ms and the layer solve 31.5 -> 18.0 ms
-// (benchmarks/results/gpu_h100.md). MEMIT_FAST_TRSM=library or =blocked overrides the
-// choice on any device; the CPU keeps LAPACK's solves. Only L's lower triangle is read.
+// update 13.1 -> 9.7 ms and the layer solve 31.5 -> 18.0 ms (at 10,000 right-hand sides
+// they were 3.5 % slower; benchmarks/results/gpu_h100.md). MEMIT_FAST_TRSM=library or
+// =blocked overrides the choice on any device; the CPU keeps LAPACK's solves. Only L's
+// lower triangle is read.
 constexpr int64_t kTrsmBlock = 256;
 
 static bool blocked_trsm(const at::Tensor& L) {
   const char* v = std::getenv("MEMIT_FAST_TRSM");
-  if (v != nullptr && std::string(v) == "blocked") {
-    return true;
+  if (v == nullptr || *v == '\0') {
+    return L.is_cuda();
   }
-  if (v != nullptr && std::string(v) == "library") {
-    return false;
-  }
-  return L.is_cuda();
+  const std::string choice(v);
+  TORCH_CHECK_VALUE(
+      choice == "blocked" || choice == "library", "memit_fast: MEMIT_FAST_TRSM must be ",
+      "'blocked' or 'library' (or unset: blocked on CUDA, library elsewhere), got '", choice,
+      "'");
+  return choice == "blocked";
 }
 
 // (nblocks, nb, nb): copies of tril(L)'s nb-wide diagonal blocks, the last one padded with

@@ -18,6 +18,15 @@ FLAGS = (
     ("efficient", CUDA.mem_efficient_sdp_enabled, CUDA.enable_mem_efficient_sdp),
     ("math", CUDA.math_sdp_enabled, CUDA.enable_math_sdp),
 )
+# The backend of other devices (XPU, PrivateUse1): torch has no public accessor for it.
+if hasattr(torch._C, "_get_overrideable_sdp_enabled"):
+    FLAGS += (
+        (
+            "overrideable",
+            torch._C._get_overrideable_sdp_enabled,
+            torch._C._set_sdp_use_overrideable,
+        ),
+    )
 
 
 def flags() -> dict[str, bool]:
@@ -44,6 +53,7 @@ def set_flags():
         {},  # torch's default: every backend enabled
         {"flash": False},
         {"math": False, "efficient": False},
+        {"overrideable": False},
     ],
 )
 def test_only_cudnn_is_switched_off_and_everything_restored(set_flags, caller):
@@ -61,7 +71,8 @@ def test_a_caller_without_cudnn_or_with_only_cudnn_is_left_alone(set_flags):
     before = flags()
     with without_cudnn_attention():
         assert flags() == before
-    set_flags(flash=False, efficient=False, math=False)  # cuDNN alone: nothing else to use
+    # cuDNN alone among the CUDA backends: nothing else to use
+    set_flags(flash=False, efficient=False, math=False)
     before = flags()
     with without_cudnn_attention():
         assert flags() == before

@@ -78,9 +78,9 @@ def test_update_auto_on_cuda_reads_only_the_lower_triangle():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", [(1, 0), (2000, 1500), (2499, 2498)])
 def test_update_auto_on_cuda_names_a_non_finite_factor(bad, where):
-    """``auto`` on CUDA (the product update, its probe, or the Householder fallback) refuses
-    a NaN or Inf anywhere below L's diagonal with the error naming L, for either dtype of L
-    and wherever the entry lies among the update's and the probe's blocks."""
+    """``auto`` on CUDA refuses a NaN or Inf anywhere below L's diagonal with the error
+    naming L, for either dtype of L and wherever the entry lies among the update's and the
+    probe's blocks (the factor's check up front reads L's whole lower triangle)."""
     n = 2500
     L = torch.linalg.cholesky(spd(n, 1e3, seed=14).cuda())
     L[where] = bad
@@ -90,23 +90,28 @@ def test_update_auto_on_cuda_names_a_non_finite_factor(bad, where):
             la.cholesky_update(factor, K, use_ext=True)
 
 
-@pytest.mark.parametrize("mode", ["library", "blocked"])
-def test_triangular_solves_on_cuda_either_way(monkeypatch, mode):
+def test_triangular_solves_on_cuda_either_way(monkeypatch):
     """cuBLAS's trsm (``MEMIT_FAST_TRSM=library``) and the blocked solves (the CUDA
     default) both give float64-accurate solves, refined float32 solves and product updates
-    on CUDA; n = 1000 leaves a partial last block of 256."""
-    monkeypatch.setenv("MEMIT_FAST_TRSM", mode)
+    on CUDA, and they are different code (the unrefined float32 solves differ); n = 1000
+    leaves a partial last block of 256."""
     A, B = spd(1000, 1e6, seed=16).cuda(), rhs(1000, 64, seed=17).cuda()
     ref = torch.linalg.solve(A, B)
     L = torch.linalg.cholesky(A)
-    X, _ = la.cholesky_solve(L, B, use_ext=True)
-    assert rel(X, ref) <= 1e-8  # cond 1e6: a float64 solve's forward error
-    X32, history = la.cholesky_solve(L.float(), B, A, use_ext=True)
-    assert la.converged(history, 1000), history
-    assert rel(X32, ref) <= 1e-10
     K = rhs(1000, 20, seed=18, scale=0.1).cuda()
-    U = la.cholesky_update(L, K, method="product", use_ext=True)
-    assert rel(U @ U.T, A + K @ K.T) <= 1000 * 2.0**-53
+    plain = {}
+    for mode in ("library", "blocked", ""):  # "": the default, blocked on CUDA
+        monkeypatch.setenv("MEMIT_FAST_TRSM", mode)
+        X, _ = la.cholesky_solve(L, B, use_ext=True)
+        assert rel(X, ref) <= 1e-8, mode  # cond 1e6: a float64 solve's forward error
+        X32, history = la.cholesky_solve(L.float(), B, A, use_ext=True)
+        assert la.converged(history, 1000), (mode, history)
+        assert rel(X32, ref) <= 1e-10, mode
+        U = la.cholesky_update(L, K, method="product", use_ext=True)
+        assert rel(U @ U.T, A + K @ K.T) <= 1000 * 2.0**-53, mode
+        plain[mode] = la.cholesky_solve(L.float(), B.float(), use_ext=True)[0]
+    assert not torch.equal(plain["library"], plain["blocked"])
+    assert torch.equal(plain[""], plain["blocked"])
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32", "fp64"])

@@ -288,6 +288,22 @@ def test_blocked_triangular_solves_match_the_library(monkeypatch, n, m, cond):
     assert rel(U @ U.T, A + K @ K.T) <= n * 2.0**-53
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="memit_fast._C not built")
+def test_an_unknown_trsm_choice_is_named(monkeypatch):
+    """``MEMIT_FAST_TRSM`` other than ``blocked`` or ``library`` is an error naming the
+    variable and the value, not a silent fallback to the default."""
+    A = spd(300, 1e2)
+    L = torch.linalg.cholesky(A)
+    monkeypatch.setenv("MEMIT_FAST_TRSM", "Library")
+    with pytest.raises(
+        ValueError, match="MEMIT_FAST_TRSM must be 'blocked' or 'library'.*'Library'"
+    ):
+        la.cholesky_solve(L, rhs(300, 2), use_ext=True)
+    monkeypatch.setenv("MEMIT_FAST_TRSM", "")  # empty: the default
+    X, _ = la.cholesky_solve(L, rhs(300, 2), use_ext=True)
+    assert rel(X, torch.linalg.solve(A, rhs(300, 2))) <= 1e-12
+
+
 @pytest.mark.parametrize("use_ext", PATHS)
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
 @pytest.mark.parametrize("n", SIZES)
