@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace memit_fast {
@@ -57,14 +58,27 @@ void check_finite(const at::Tensor& t, const char* op, const char* name) {
       " contains NaN or Inf (check the statistics and the keys that built it)");
 }
 
-// Whether every entry on or below L's diagonal is finite, in row blocks: the part left of
-// each diagonal block read in place, the diagonal block through tril() (small). `exact`
+// L's lower triangle in row blocks of kLowerRows, as memit_fast.linalg._lower_blocks reads
+// it: fn(i, ib, left, diag) for the rows i .. i + ib, with left the part left of their
+// diagonal block, read in place (undefined for the first block), and diag that block
+// through tril() (small).
+constexpr int64_t kLowerRows = 1024;
+
+template <typename Fn>
+void for_each_lower_block(const at::Tensor& L, Fn&& fn) {
+  const int64_t n = L.size(0);
+  for (int64_t i = 0; i < n; i += kLowerRows) {
+    const int64_t ib = std::min(kLowerRows, n - i);
+    const at::Tensor rows = L.narrow(0, i, ib);
+    fn(i, ib, i > 0 ? rows.narrow(1, 0, i) : at::Tensor(), rows.narrow(1, i, ib).tril());
+  }
+}
+
+// Whether every entry on or below L's diagonal is finite (for_each_lower_block). `exact`
 // tests each entry; otherwise the entries are summed in L's dtype, which a NaN or Inf
 // makes NaN or Inf (one read, no temporary of the factor's size) but which large finite
 // entries could also overflow: a non-finite sum is therefore rechecked exactly.
 bool lower_finite(const at::Tensor& L, bool exact) {
-  constexpr int64_t step = 1024;
-  const int64_t n = L.size(0);
   at::Tensor acc = exact ? at::ones({}, L.options().dtype(at::kBool))
                          : at::zeros({}, L.options().dtype(at::kDouble));
   const auto add = [&](const at::Tensor& part) {
@@ -74,14 +88,12 @@ bool lower_finite(const at::Tensor& L, bool exact) {
       acc.add_(part.sum().to(at::kDouble));
     }
   };
-  for (int64_t i = 0; i < n; i += step) {
-    const int64_t ib = std::min(step, n - i);
-    const at::Tensor rows = L.narrow(0, i, ib);
-    if (i > 0) {
-      add(rows.narrow(1, 0, i));
+  for_each_lower_block(L, [&](int64_t, int64_t, const at::Tensor& left, const at::Tensor& diag) {
+    if (left.defined()) {
+      add(left);
     }
-    add(rows.narrow(1, i, ib).tril());
-  }
+    add(diag);
+  });
   return exact ? acc.item<bool>() : (std::isfinite(acc.item<double>()) || lower_finite(L, true));
 }
 
@@ -527,19 +539,26 @@ static bool blocked_trsm(const at::Tensor& L) {
   return choice == "blocked";
 }
 
+// Views of a square M's nb-wide diagonal blocks: the n / nb full ones as an (n / nb, nb, nb)
+// stack (M's own strides, any layout), and the partial last one (undefined where nb divides
+// n).
+static std::pair<at::Tensor, at::Tensor> diagonal_block_views(const at::Tensor& M, int64_t nb) {
+  const int64_t n = M.size(0), full = n / nb, j = full * nb;
+  const at::Tensor blocks = M.as_strided(
+      {full, nb, nb}, {nb * (M.stride(0) + M.stride(1)), M.stride(0), M.stride(1)},
+      M.storage_offset());
+  return {blocks, j < n ? M.narrow(0, j, n - j).narrow(1, j, n - j) : at::Tensor()};
+}
+
 // (nblocks, nb, nb): copies of tril(L)'s nb-wide diagonal blocks, the last one padded with
 // the identity. Only the lower triangle of each block is read.
 static at::Tensor diagonal_blocks(const at::Tensor& L, int64_t nb) {
-  const int64_t n = L.size(0), nblocks = (n + nb - 1) / nb, full = n / nb;
+  const int64_t n = L.size(0), nblocks = (n + nb - 1) / nb;
   at::Tensor D = at::eye(nb, L.options()).repeat({nblocks, 1, 1});
-  if (full > 0) {
-    D.narrow(0, 0, full).copy_(L.as_strided(
-        {full, nb, nb}, {nb * (L.stride(0) + L.stride(1)), L.stride(0), L.stride(1)},
-        L.storage_offset()));
-  }
-  if (full < nblocks) {
-    const int64_t j = full * nb, jb = n - j;
-    D[full].narrow(0, 0, jb).narrow(1, 0, jb).copy_(L.narrow(0, j, jb).narrow(1, j, jb));
+  const auto [blocks, last] = diagonal_block_views(L, nb);
+  D.narrow(0, 0, blocks.size(0)).copy_(blocks);
+  if (last.defined()) {
+    D[nblocks - 1].narrow(0, 0, last.size(0)).narrow(1, 0, last.size(0)).copy_(last);
   }
   return D.tril_();
 }
@@ -675,7 +694,7 @@ at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t
   // Blocks at least k wide: the k x k factors per block then take O(n k) memory, not
   // O(n k^2 / nb) (many keys mean that the n^2 k terms dominate the cost anyway).
   nb = std::min(std::max(nb, k), n);
-  const int64_t nblocks = (n + nb - 1) / nb, full = n / nb;
+  const int64_t nblocks = (n + nb - 1) / nb;
   const at::Tensor W = forward_solve(Ld, Xd);
   // W in blocks of nb rows, zero rows padding the last one (they factor as the identity).
   at::Tensor Wb = at::zeros({nblocks * nb, k}, W.options());
@@ -705,12 +724,10 @@ at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t
   const at::Tensor diag = at::bmm(D, C);
   at::Tensor T = at::bmm(D, Wb).view({nblocks * nb, k}).narrow(0, 0, n);  // sum_{I >= J}
   at::Tensor out = at::empty({n, n}, Ld.options());  // row-major
-  if (full > 0) {
-    out.as_strided({full, nb, nb}, {nb * (n + 1), n, 1}).copy_(diag.narrow(0, 0, full));
-  }
-  if (full < nblocks) {
-    const int64_t j = full * nb, jb = n - j;
-    out.narrow(0, j, jb).narrow(1, j, jb).copy_(diag[full].narrow(0, 0, jb).narrow(1, 0, jb));
+  const auto [blocks, last] = diagonal_block_views(out, nb);
+  blocks.copy_(diag.narrow(0, 0, blocks.size(0)));
+  if (last.defined()) {
+    last.copy_(diag[nblocks - 1].narrow(0, 0, last.size(0)).narrow(1, 0, last.size(0)));
   }
   for (int64_t J = nblocks - 1; J >= 0; --J) {
     const int64_t j = J * nb, jb = std::min(nb, n - j), below = n - j - jb;
@@ -729,31 +746,31 @@ at::Tensor update_by_product(const at::Tensor& Ld, const at::Tensor& Xd, int64_t
   return out;
 }
 
-// L (L^T V) for V (n, m), reading only L's lower triangle, in row blocks: the part left of
-// each diagonal block in place, the diagonal block through tril() (small). About half the
-// reads of a full product, which matters where m is small and the product runs at the
-// memory's rate.
+// L (L^T V) for V (n, m), reading only L's lower triangle (for_each_lower_block, both
+// products over the same blocks). About half the reads of two full products, which matters
+// where m is small and the products run at the memory's rate.
 at::Tensor lower_gram_times(const at::Tensor& L, const at::Tensor& V) {
-  constexpr int64_t step = 1024;
-  const int64_t n = L.size(0);
-  std::vector<at::Tensor> diag;
+  struct Block {
+    int64_t i, ib;
+    at::Tensor left, diag;
+  };
+  std::vector<Block> blocks;
   at::Tensor Y = at::zeros_like(V);  // L^T V
-  for (int64_t i = 0; i < n; i += step) {
-    const int64_t ib = std::min(step, n - i);
-    const at::Tensor rows = L.narrow(0, i, ib), Vi = V.narrow(0, i, ib);
-    diag.push_back(rows.narrow(1, i, ib).tril());
-    if (i > 0) {
-      Y.narrow(0, 0, i).addmm_(rows.narrow(1, 0, i).mT(), Vi);
+  const auto product = [&](int64_t i, int64_t ib, const at::Tensor& left, const at::Tensor& diag) {
+    const at::Tensor Vi = V.narrow(0, i, ib);
+    if (left.defined()) {
+      Y.narrow(0, 0, i).addmm_(left.mT(), Vi);
     }
-    Y.narrow(0, i, ib).addmm_(diag.back().mT(), Vi);
-  }
+    Y.narrow(0, i, ib).addmm_(diag.mT(), Vi);
+    blocks.push_back({i, ib, left, diag});
+  };
+  for_each_lower_block(L, product);
   at::Tensor Z = at::empty_like(V);
-  for (int64_t i = 0, b = 0; i < n; i += step, ++b) {
-    const int64_t ib = std::min(step, n - i);
-    at::Tensor Zi = Z.narrow(0, i, ib);
-    at::mm_out(Zi, diag[b], Y.narrow(0, i, ib));
-    if (i > 0) {
-      Zi.addmm_(L.narrow(0, i, ib).narrow(1, 0, i), Y.narrow(0, 0, i));
+  for (const Block& b : blocks) {
+    at::Tensor Zi = Z.narrow(0, b.i, b.ib);
+    at::mm_out(Zi, b.diag, Y.narrow(0, b.i, b.ib));
+    if (b.left.defined()) {
+      Zi.addmm_(b.left, Y.narrow(0, 0, b.i));
     }
   }
   return Z;
